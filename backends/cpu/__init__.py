@@ -1,0 +1,1 @@
+"""The CPU backend: the reference backend, fp32 compute."""

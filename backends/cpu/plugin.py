@@ -1,0 +1,61 @@
+"""Entry point of the cpu backend (group ``glm_core.backends``)."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from glm_core.ops import Kernel, reference
+from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
+
+from . import kernels
+
+FP32 = frozenset({torch.float32})
+
+
+class CPUBackend(Backend):
+    """Reference backend: runs everywhere, computes in fp32.
+
+    fp16/bf16 weights are accepted and upcast at load: half-precision matmul on typical
+    server CPUs runs hundreds of times slower than fp32.
+    """
+
+    name = "cpu"
+    device_type = "cpu"
+    dist_backend = "gloo"
+    description = "PyTorch on the host CPU (reference, fp32 compute)"
+
+    def probe(self) -> Probe:
+        return Probe(True, f"{os.cpu_count()} CPU threads, torch {torch.__version__}", score=10,
+                     devices=[platform.processor() or platform.machine()])
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(arch=platform.machine(), compute_dtypes=(torch.float32,),
+                            fused_attention_fp32_softmax=True)
+
+    def kernels(self) -> dict[str, Kernel]:
+        k = {
+            "embedding": Kernel(kernels.embedding, FP32, "F.embedding"),
+            "linear": Kernel(kernels.linear, FP32, "F.linear"),
+            "lm_head": Kernel(kernels.lm_head, FP32, "F.linear"),
+            "layer_norm": Kernel(kernels.layer_norm, FP32, "F.layer_norm"),
+            "rms_norm": Kernel(kernels.rms_norm, FP32, "F.rms_norm"),
+            "attention": Kernel(kernels.attention, FP32, "scaled_dot_product_attention, fp32"),
+            "glu": Kernel(kernels.glu, FP32, "F.silu / F.gelu(erf)"),
+            "gelu_tanh": Kernel(kernels.gelu_tanh, FP32, "F.gelu(tanh)"),
+            "rotary": Kernel(reference.rotary, FP32, "reference (adopted)"),
+            "quantized_linear": Kernel(reference.quantized_linear, FP32, "reference dequantise + matmul"),
+            "cross_entropy": Kernel(reference.cross_entropy, FP32, "reference (adopted)"),
+        }
+        return k
+
+    def doctor(self) -> list[Check]:
+        return [Check("torch", True, torch.__version__),
+                Check("threads", True, str(torch.get_num_threads())),
+                Check("fp32 matmul", bool(torch.ones(4, 4).matmul(torch.ones(4, 4)).eq(4).all()), "smoke")]
+
+
+@hookimpl
+def glm_backends():
+    return [CPUBackend()]

@@ -1,0 +1,237 @@
+"""The one GLM graph.
+
+Every published GLM generation is this module with different :class:`GLMConfig`
+switches. It holds parameters and the order of computation only: each computation a
+backend may want to do its own way is a call into the op table (``self.ops``), so there
+is no device or vendor code here.
+
+Parameter names are the native checkpoint's keys::
+
+    embed.weight
+    layers.{i}.input_norm.{weight,bias}       norm before attention
+    layers.{i}.attn.qkv.{weight,bias}         fused QKV, layout per config.qkv_layout
+    layers.{i}.attn.dense.{weight,bias}
+    layers.{i}.post_attn_norm.weight          sandwich norm (GLM-4-0414)
+    layers.{i}.mlp_norm.{weight,bias}         norm before the MLP
+    layers.{i}.mlp.fc1.{weight,bias}          [2F, H] when gated
+    layers.{i}.mlp.fc2.{weight,bias}
+    layers.{i}.post_mlp_norm.weight           sandwich norm (GLM-4-0414)
+    final_norm.{weight,bias}
+    lm_head.weight                            absent when tied to embed.weight
+
+A quantized linear stores ``qweight`` (int8) and ``scale`` instead of ``weight``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import GLMConfig
+from .kv_cache import KVCache
+from .ops.table import OpTable
+
+
+class Linear(nn.Module):
+    def __init__(self, ops: OpTable, n_in: int, n_out: int, bias: bool, **factory):
+        super().__init__()
+        self.ops = ops
+        self.weight = nn.Parameter(torch.empty(n_out, n_in, **factory))
+        self.bias = nn.Parameter(torch.empty(n_out, **factory)) if bias else None
+
+    def forward(self, x):
+        return self.ops.linear(x, self.weight, self.bias)
+
+
+class QuantizedLinear(nn.Module):
+    """Weight-only INT8/INT4 linear; ``qweight``/``scale`` as in :mod:`glm_core.quant`."""
+
+    def __init__(self, ops: OpTable, n_in: int, n_out: int, bias: bool, bits: int, dtype=None, device=None):
+        super().__init__()
+        self.ops, self.bits = ops, bits
+        cols = n_in if bits == 8 else n_in // 2
+        self.register_buffer("qweight", torch.empty(n_out, cols, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(n_out, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x):
+        return self.ops.quantized_linear(x, self.qweight, self.scale, self.bias, self.bits)
+
+
+class Norm(nn.Module):
+    def __init__(self, ops: OpTable, config: GLMConfig, **factory):
+        super().__init__()
+        self.ops, self.eps, self.kind = ops, config.norm_eps, config.norm
+        h = config.hidden_size
+        self.weight = nn.Parameter(torch.ones(h, **factory))
+        self.bias = nn.Parameter(torch.zeros(h, **factory)) if self.kind == "layernorm" else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _linear(ops, config, n_in, n_out, bias, quant_bits, **factory):
+    if quant_bits:
+        return QuantizedLinear(ops, n_in, n_out, bias, quant_bits, **factory)
+    return Linear(ops, n_in, n_out, bias, **factory)
+
+
+class Attention(nn.Module):
+    def __init__(self, ops: OpTable, config: GLMConfig, layer: int, quant_bits=None, **factory):
+        super().__init__()
+        c = config
+        self.ops, self.config, self.layer = ops, c, layer
+        self.qkv = _linear(ops, c, c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, quant_bits, **factory)
+        self.dense = _linear(ops, c, c.q_size, c.hidden_size, c.dense_bias, quant_bits, **factory)
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+        self.layer_scale = float(layer + 1) if c.query_key_layer_scaling else 1.0
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+        c = self.config
+        B, T, _ = x.shape
+        qkv = self.qkv(x)
+        if c.qkv_layout == "per_head":  # [q_h; k_h; v_h] rows per head (GLM-130B, ChatGLM-6B)
+            q, k, v = qkv.view(B, T, c.num_heads, 3 * c.head_dim).split(c.head_dim, dim=-1)
+        else:  # blocked [Q | K | V] (ChatGLM2+, GLM-4)
+            q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
+            q = q.view(B, T, c.num_heads, c.head_dim)
+            k = k.view(B, T, c.num_kv_heads, c.head_dim)
+            v = v.view(B, T, c.num_kv_heads, c.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q = self.ops.rotary(q, cos, sin, c.rope)
+        k = self.ops.rotary(k, cos, sin, c.rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)
+        o = self.ops.attention(q, k, v, mask, self.scale, c.mask_value, self.layer_scale)
+        o = o.transpose(1, 2).reshape(B, T, c.q_size)
+        return self.dense(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, ops: OpTable, config: GLMConfig, quant_bits=None, **factory):
+        super().__init__()
+        c = config
+        self.ops, self.activation = ops, c.activation
+        width = c.ffn_hidden_size * (2 if c.gated else 1)
+        self.fc1 = _linear(ops, c, c.hidden_size, width, c.mlp_bias, quant_bits, **factory)
+        self.fc2 = _linear(ops, c, c.ffn_hidden_size, c.hidden_size, c.mlp_bias, quant_bits, **factory)
+
+    def forward(self, x):
+        u = self.fc1(x)
+        z = self.ops.gelu_tanh(u) if self.activation == "gelu_tanh" else self.ops.glu(u, self.activation)
+        return self.fc2(z)
+
+
+class Block(nn.Module):
+    """One transformer layer: pre-norm (ChatGLM2+), sandwich (GLM-4-0414) or DeepNorm
+    post-LN (GLM-130B, ChatGLM-6B: the residual is the *normalised* input times alpha)."""
+
+    def __init__(self, ops: OpTable, config: GLMConfig, layer: int, quant_bits=None, **factory):
+        super().__init__()
+        c = config
+        self.deepnorm = c.residual == "deepnorm"
+        self.alpha = c.deepnorm_alpha
+        self.input_norm = Norm(ops, c, **factory)
+        self.attn = Attention(ops, c, layer, quant_bits, **factory)
+        self.mlp_norm = Norm(ops, c, **factory)
+        self.mlp = MLP(ops, c, quant_bits, **factory)
+        self.sandwich = c.sandwich_norm
+        if self.sandwich:
+            self.post_attn_norm = Norm(ops, c, **factory)
+            self.post_mlp_norm = Norm(ops, c, **factory)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        if self.deepnorm:
+            a = self.input_norm(x)
+            h = a * self.alpha + self.attn(a, cos, sin, mask, cache, start)
+            m = self.mlp_norm(h)
+            return m * self.alpha + self.mlp(m)
+        a = self.attn(self.input_norm(x), cos, sin, mask, cache, start)
+        if self.sandwich:
+            a = self.post_attn_norm(a)
+        h = x + a
+        m = self.mlp(self.mlp_norm(h))
+        if self.sandwich:
+            m = self.post_mlp_norm(m)
+        return h + m
+
+
+class Rotary(nn.Module):
+    """Angles per token for the config's RoPE variant: [B, T, pairs] cos and sin."""
+
+    def __init__(self, config: GLMConfig, device=None):
+        super().__init__()
+        c = config
+        self.two_d = c.rope == "neox_2d"
+        width = c.rope_dim // 2 if self.two_d else c.rope_dim  # rotated width per position index
+        inv = 1.0 / (c.rope_base ** (torch.arange(0, width, 2, dtype=torch.float32, device=device) / width))
+        self.fp16 = c.rope_fp16
+        if self.fp16:  # SAT 0.2.x / HF ChatGLM-6B: frequencies (and angles) in fp16
+            inv = inv.half()
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids: [B, T] (1D) or [B, 2, T] (2D: position, block position)."""
+        if self.two_d:
+            ang = torch.cat((self._angles(position_ids[:, 0]), self._angles(position_ids[:, 1])), -1)
+        else:
+            ang = self._angles(position_ids)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def _angles(self, pos):
+        if self.fp16:
+            return (pos.half().unsqueeze(-1) * self.inv_freq).float()
+        return pos.float().unsqueeze(-1) * self.inv_freq
+
+
+class GLMModel(nn.Module):
+    def __init__(self, config: GLMConfig, ops: OpTable, quant_bits: int | None = None,
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        self.config, self.ops = config, ops
+        factory = dict(device=device, dtype=dtype)
+        c = config
+        self.embed = nn.Module()
+        self.embed.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory))
+        self.layers = nn.ModuleList(Block(ops, c, i, quant_bits, **factory) for i in range(c.num_layers))
+        self.final_norm = Norm(ops, c, **factory)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory))
+        self.rotary = Rotary(c, device=device)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with ``last_only``).
+
+        mask: bool [B, 1, T, start + T], True = may attend; None = attend to everything.
+        With a cache, the new keys and values are written at positions start..start+T.
+        """
+        x = self.ops.embedding(input_ids, self.embed.weight)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache, start)
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        return self.ops.lm_head(x, self.output_weight)
+
+
+def parameter_shapes(config: GLMConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Every checkpoint key of ``config`` with its shape, and its dtype where that is fixed
+    (int8 quantized weights, fp16 scales): what a checkpoint must hold to match a config."""
+    with torch.device("meta"):
+        m = GLMModel(config, OpTable("reference", {}, torch.float32, strict=False),
+                     quant_bits=config.quantization_bits)
+    out = {}
+    for k, v in m.state_dict().items():
+        fixed = v.dtype if (v.dtype == torch.int8 or k.endswith(".scale")) else None
+        out[k] = (tuple(v.shape), fixed)
+    return out
