@@ -47,6 +47,9 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False):
             raise GLMError("output already exists (use --force to replace it)", dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
         if dst.exists():

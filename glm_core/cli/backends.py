@@ -1,0 +1,44 @@
+"""``glmrt backends``: every discovered backend, available or why not, and its ops."""
+from __future__ import annotations
+
+
+NAME = "backends"
+HELP = "list installed backends: availability and reason, device, dtypes, distributed backend, ops"
+EXAMPLE = "glmrt backends --ops"
+
+
+def add_arguments(p):
+    p.add_argument("--ops", action="store_true", help="show, per backend, which ops it provides and which "
+                   "fall back to the reference")
+
+
+def _dt(d) -> str:
+    return str(d).replace("torch.", "")
+
+
+def run(args) -> int:
+    from ..ops import OPS
+    from ..registry.selection import discover, extra_kernels
+
+    for name, d in sorted(discover().items()):
+        state = "available" if d.available else "unavailable"
+        print(f"{name}: {state} - {d.probe.reason}")
+        print(f"    from {d.source}")
+        b = d.backend
+        if b is None:
+            continue
+        caps = b.capabilities() if d.available else None
+        aliases = f" (aliases: {', '.join(b.aliases)})" if b.aliases else ""
+        print(f"    device {b.device_type}{aliases}, distributed backend {b.dist_backend}")
+        if caps is not None:
+            print(f"    arch {caps.arch or '-'}, compute dtypes {', '.join(_dt(x) for x in caps.compute_dtypes)}")
+        if args.ops:
+            kernels = {**b.kernels(), **extra_kernels(b.name)}
+            for op in OPS:
+                k = kernels.get(op)
+                if k is None:
+                    print(f"      {op:<17} reference fallback (no kernel)")
+                else:
+                    dts = ", ".join(sorted(_dt(x) for x in k.dtypes))
+                    print(f"      {op:<17} {b.name} [{dts}] {k.note}")
+    return 0
