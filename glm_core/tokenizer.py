@@ -53,17 +53,26 @@ class Tokenizer:
 
     def decode(self, ids, keep_special: bool = False) -> str:
         """Text of ``ids``; special tokens are dropped unless ``keep_special``."""
-        out, run = [], []
+        out: list[str] = []
+        run: list[int] = []
         n = self.sp.get_piece_size()
+
+        def flush():
+            if run:
+                text = self.sp.decode(run)
+                # sentencepiece drops the word-boundary space of a run's first piece; keep it
+                # when the run does not start the text
+                if out and self.sp.id_to_piece(run[0]).startswith("\u2581"):
+                    text = " " + text
+                out.append(text)
+                run.clear()
+
         for i in (int(x) for x in ids):
             if 0 <= i < n:
                 run.append(i)
                 continue
-            if run:
-                out.append(self.sp.decode(run))
-                run = []
+            flush()
             if keep_special and i in self._by_id:
                 out.append(self._by_id[i])
-        if run:
-            out.append(self.sp.decode(run))
+        flush()
         return "".join(out)

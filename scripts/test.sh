@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up with the test dependencies, then run the whole test suite (strict ops: any
+# fallback from a backend kernel to the reference is an error). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+. .venv/bin/activate
+export TORCH_DEVICE_BACKEND_AUTOLOAD=0 GLM_STRICT_OPS=1
+set +e
+python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"
