@@ -156,9 +156,16 @@ def load_model(path: str | os.PathLike, backend: str | Backend | None = None, st
     """
     from converters.detect import load_checkpoint
 
+    b = backend if isinstance(backend, Backend) else get_backend(backend)
+    # Optional backend capability: a backend that runs its own format (an exported graph)
+    # provides ``load_runtime(path, strict_ops=, progress=, **options)`` returning an object
+    # with GLMModel's forward signature, ``config``, ``ops`` and ``tokenizer_path``.
+    load_runtime = getattr(b, "load_runtime", None)
+    if load_runtime is not None:
+        runner = load_runtime(path, strict_ops=strict_ops, progress=progress, **kwargs)
+        return GLM(runner, b, runner.tokenizer_path, source=os.fspath(path))
     if kwargs:
         raise GLMError(f"load_model got unsupported option(s): {', '.join(sorted(kwargs))}")
-    b = backend if isinstance(backend, Backend) else get_backend(backend)
     _, config, state, tok = load_checkpoint(path, progress=progress)
     model = build_model(config, state, b, strict_ops)
     return GLM(model, b, None if tok is None else str(tok), source=os.fspath(path))

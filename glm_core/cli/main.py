@@ -20,6 +20,7 @@ COMMANDS = [
     "glm_core.cli.generate",
     "glm_core.cli.convert",
     "glm_core.cli.backends",
+    "glm_core.cli.export_onnx",
 ]
 
 

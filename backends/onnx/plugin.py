@@ -1,0 +1,83 @@
+"""Entry point of the onnx backend (group ``glm_core.backends``).
+
+Unlike the torch backends it has no op kernels: it runs a whole exported graph
+(``glmrt export-onnx MODEL OUT``). It offers that through the optional backend
+capability ``load_runtime(path, ...)``, which :func:`glm_core.load_model` uses when a
+backend has it, so ``load_model(EXPORTED_DIR, backend="onnx")`` and
+``glmrt generate EXPORTED_DIR --backend onnx`` work like any other backend.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+
+import torch
+
+from glm_core.ops.table import strict_from_env
+from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class OnnxBackend(Backend):
+    name = "onnx"
+    aliases = ("onnxruntime", "ort")
+    device_type = "cpu"  # host tensors in and out; the providers own their device memory
+    dist_backend = "gloo"
+    description = "onnxruntime running graphs exported with 'glmrt export-onnx' (fp32 or int8)"
+
+    def probe(self) -> Probe:
+        # find_spec and package metadata only: importing onnxruntime may load provider
+        # libraries, which a probe must not do.
+        missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            return Probe(False, f"{' and '.join(missing)} not installed (pip install 'glm-runtime[onnx]')")
+        ver = _version("onnxruntime") or _version("onnxruntime-gpu") or "?"
+        # Score 1: never preferred by 'auto' over a torch backend, because it reads only
+        # exported directories, not checkpoints.
+        return Probe(True, f"onnxruntime {ver}; runs directories written by 'glmrt export-onnx'", score=1)
+
+    def capabilities(self) -> Capabilities:
+        import onnxruntime as ort
+
+        return Capabilities(arch="onnxruntime " + ", ".join(ort.get_available_providers()),
+                            compute_dtypes=(torch.float32,), int8_weight_kernel=True,
+                            extra={"runtime": "exported ONNX graph", "providers_env": "GLM_ONNX_PROVIDERS"})
+
+    def load_runtime(self, path: str | os.PathLike, strict_ops: bool | None = None, progress: bool = False,
+                     providers: list[str] | str | None = None):
+        """An :class:`OnnxRunner` for an export directory (checked before onnxruntime sees it)."""
+        from converters.onnx.layout import read_export
+
+        from .runtime import OnnxRunner, OnnxSession
+
+        strict = strict_from_env() if strict_ops is None else strict_ops
+        return OnnxRunner(OnnxSession(read_export(path), providers, strict))
+
+    def doctor(self) -> list[Check]:
+        import numpy as np
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "smoke",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        m.ir_version = 8
+        s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        ok = bool((s.run(None, {"x": np.ones(2, np.float32)})[0] == 2).all())
+        return [Check("onnxruntime", True, ort.__version__), Check("onnx", True, onnx.__version__),
+                Check("providers", True, ", ".join(ort.get_available_providers())),
+                Check("cpu session", ok, "Add graph runs")]
+
+
+@hookimpl
+def glm_backends():
+    return [OnnxBackend()]

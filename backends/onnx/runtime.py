@@ -1,0 +1,198 @@
+"""Running an exported GLM graph with onnxruntime.
+
+:class:`OnnxSession` owns the onnxruntime session and the provider policy;
+:class:`OnnxRunner` gives it the call signature of :class:`glm_core.model.GLMModel`
+(``runner(input_ids, position_ids, mask, cache=None, start=0, last_only=False)``), so
+:class:`glm_core.api.GLM` and :func:`glm_core.generation.generate` drive it unchanged:
+masks, positions, sampling and the KV cache buffers all stay the host code's.
+
+Provider policy. The list comes from the caller, else ``GLM_ONNX_PROVIDERS`` (comma
+separated; short names such as ``cuda``, ``migraphx``, ``cann`` are accepted), else CPU.
+A CPU fallback is never silent:
+
+* a requested provider this onnxruntime build lacks is an error in strict mode and a
+  warning otherwise;
+* strict mode sets ``session.disable_cpu_ep_fallback`` whenever the preferred provider
+  is not the CPU, so a node the accelerator cannot run is an error at load;
+* otherwise, when the preferred provider is not the CPU, one profiled run at load counts
+  the nodes that ended up on the CPU and warns with the count;
+* the op report (``model.op_report()``) lists the providers the session holds and, from
+  a profiled run, how many nodes of each type each provider actually executed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from converters.onnx import layout
+from glm_core.errors import BackendError, CheckpointError
+
+log = logging.getLogger("backends.onnx")
+ENV_PROVIDERS = "GLM_ONNX_PROVIDERS"
+CPU = "CPUExecutionProvider"
+SHORT_NAMES = {
+    "cpu": CPU, "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider", "migraphx": "MIGraphXExecutionProvider", "cann": "CANNExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider", "dml": "DmlExecutionProvider", "coreml": "CoreMLExecutionProvider",
+    "azure": "AzureExecutionProvider",
+}
+
+
+def requested_providers(providers: list[str] | str | None = None) -> list[str]:
+    """The provider list in priority order: argument > GLM_ONNX_PROVIDERS > CPU."""
+    if providers is None:
+        providers = os.environ.get(ENV_PROVIDERS) or [CPU]
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p.strip()]
+    out = [SHORT_NAMES.get(p.strip().lower(), p.strip()) for p in providers]
+    if not out:
+        raise BackendError("the onnx backend was given an empty execution provider list")
+    return out
+
+
+def resolve_providers(requested: list[str], strict: bool) -> list[str]:
+    """Drop providers this build lacks (an error in strict mode), loudly."""
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    missing = [p for p in requested if p not in have]
+    if missing:
+        msg = (f"onnxruntime {ort.__version__} has no {', '.join(missing)} (available: {', '.join(have)}); "
+               f"install the onnxruntime package built for that provider")
+        if strict:
+            raise BackendError(f"strict ops: {msg}")
+        log.warning("%s; running on the others", msg)
+    usable = [p for p in requested if p in have]
+    if not usable:
+        log.warning("no requested onnxruntime provider is available: running on %s", CPU)
+        usable = [CPU]
+    return usable
+
+
+class OnnxSession:
+    """One onnxruntime session over a checked export directory."""
+
+    def __init__(self, info: layout.ExportInfo, providers: list[str] | str | None = None, strict: bool = False):
+        import onnxruntime as ort
+
+        self.info, self.strict = info, strict
+        self.requested = requested_providers(providers)
+        self.providers = resolve_providers(self.requested, strict)
+        self.no_cpu_fallback = strict and self.providers[0] != CPU
+        self.session = self._session(ort)
+        self.in_session = self.session.get_providers()
+        self._placement: Counter | None = None
+        if self.providers[0] != CPU and not self.no_cpu_fallback:
+            on_cpu = sum(n for (p, _), n in self.placement().items() if p == CPU)
+            if on_cpu:
+                log.warning("onnx backend: %d graph nodes fell back from %s to %s (strict mode forbids this)",
+                            on_cpu, self.providers[0], CPU)
+
+    def _options(self, ort, profile_dir: str | None = None):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors reach the user through BackendError below
+        if self.no_cpu_fallback:
+            so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if profile_dir is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(profile_dir, "glm")
+        return so
+
+    def _session(self, ort, profile_dir: str | None = None):
+        try:
+            return ort.InferenceSession(str(self.info.graph), self._options(ort, profile_dir),
+                                        providers=self.providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own pybind types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first.split(" : ")[-1]
+            if "fallback to CPU EP has been explicitly disabled" in first:
+                raise BackendError(f"strict ops: part of the graph cannot run on {self.providers[0]} and CPU "
+                                   f"fallback is disabled (session.disable_cpu_ep_fallback)", self.info.graph) from None
+            raise CheckpointError(f"onnxruntime cannot load the graph: {first}", self.info.graph) from None
+
+    def run(self, feeds: dict) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+    def placement(self) -> Counter:
+        """{(provider, op type): nodes executed} from one profiled run on a short prompt."""
+        if self._placement is None:
+            import onnxruntime as ort
+
+            from converters.onnx.export import empty_past
+
+            c = self.info.config
+            ids = torch.full((2, 3), c.pad_token_id or 0, dtype=torch.long)
+            pos = torch.zeros((2, 2, 3) if c.rope == "neox_2d" else (2, 3), dtype=torch.long)
+            mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
+            with tempfile.TemporaryDirectory() as d:
+                s = self._session(ort, profile_dir=d)
+                s.run(None, layout.feeds(c, ids, pos, mask, empty_past(c, 2)))
+                events = json.loads(Path(s.end_profiling()).read_text())
+            self._placement = Counter((e["args"]["provider"], e["args"]["op_name"]) for e in events
+                                      if e.get("cat") == "Node" and "provider" in e.get("args", {}))
+        return self._placement
+
+    def format_report(self) -> str:
+        """What runs where: shown by ``GLM.op_report()`` / ``glmrt generate --ops``."""
+        import onnxruntime as ort
+
+        i = self.info
+        lines = [f"onnxruntime {ort.__version__} session for {i.graph} ({i.precision}, opset {i.opset}, "
+                 f"family {i.config.family})",
+                 f"  providers requested: {', '.join(self.requested)}",
+                 f"  providers in session: {', '.join(self.in_session)}",
+                 f"  CPU fallback: {'disabled (strict)' if self.no_cpu_fallback else 'allowed' if self.providers[0] != CPU else 'n/a (CPU preferred)'}",
+                 "  nodes executed per provider (profiled run):"]
+        by_provider: dict[str, Counter] = {}
+        for (p, op), n in self.placement().items():
+            by_provider.setdefault(p, Counter())[op] += n
+        for p, ops in sorted(by_provider.items()):
+            detail = ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda x: (-x[1], x[0])))
+            lines.append(f"    {p}: {sum(ops.values())} nodes: {detail}")
+        return "\n".join(lines)
+
+
+class OnnxRunner:
+    """An export behind GLMModel's forward signature (see the module docstring).
+
+    ``embed.weight`` is a zero-size fp32 host tensor: the generation loop reads the cache
+    dtype and device from it, and those are the graph's (fp32 activations, host memory).
+    ``ops`` is the :class:`OnnxSession`, whose ``format_report`` is the op report.
+    """
+
+    def __init__(self, session: OnnxSession):
+        self.ops = session
+        self.config = session.info.config
+        self.embed = SimpleNamespace(weight=torch.empty(0, dtype=torch.float32))
+        tok = session.info.tokenizer
+        self.tokenizer_path = None if tok is None else str(tok)
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                 cache=None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+        c = self.config
+        B, T = input_ids.shape
+        if cache is None:
+            if start:
+                raise BackendError("the onnx runner needs a cache to continue at a position > 0")
+            from converters.onnx.export import empty_past
+
+            past = empty_past(c, B)
+        else:
+            past = [(cache.k[i][:, :, :start], cache.v[i][:, :, :start]) for i in range(c.num_layers)]
+        if mask is None:  # GLMModel's "attend to everything"
+            mask = torch.ones(B, 1, T, start + T, dtype=torch.bool)
+        out = self.ops.run(layout.feeds(c, input_ids, position_ids, mask, past))
+        if cache is not None:
+            for i in range(c.num_layers):
+                k, v = out[1 + 2 * i], out[2 + 2 * i]
+                cache.update(i, torch.from_numpy(k[:, :, start:]), torch.from_numpy(v[:, :, start:]), start)
+        logits = torch.from_numpy(out[0])
+        return logits[:, -1:] if last_only else logits
