@@ -1,0 +1,367 @@
+"""Bootstrap of a multi-process job: who am I, where is the rendezvous, and the process group.
+
+Discovery order of rank, world size and local rank (first match wins):
+
+1. explicit arguments (``init(rank=..., world_size=...)``);
+2. torchrun / torch elastic variables: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``
+   (with ``MASTER_ADDR``/``MASTER_PORT`` for the store);
+3. MPI through mpi4py, when an MPI launcher is detected (``PMI_RANK``, ``PMIX_RANK``,
+   ``OMPI_COMM_WORLD_RANK`` or ``MPI_LOCALRANKID`` set) and mpi4py imports: ``COMM_WORLD``
+   gives rank and size, and the local rank comes from one collective,
+   ``Split_type(COMM_TYPE_SHARED)`` (not an all-gather of host names);
+4. Open MPI variables without mpi4py: ``OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK``;
+5. MPICH / Intel MPI (PMI) variables: ``PMI_RANK/PMI_SIZE`` with ``MPI_LOCALRANKID``
+   (or ``PALS_LOCAL_RANKID``), and PMIx's ``PMIX_RANK``;
+6. Slurm: ``SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID`` (``srun`` without MPI);
+7. nothing: a single process.
+
+Rendezvous. With MPI, rank 0 opens torch's libuv ``TCPStore`` on port 0 (the kernel picks
+a free port, so there is no pick-then-close race) on the address of the interface named
+by ``GLM_BOOTSTRAP_IFACE`` (or ``GLM_BOOTSTRAP_ADDR``, or the ``iface=`` argument; the
+loopback when every rank is on one node; else the address the host name resolves to),
+and broadcasts host and port over MPI. Without MPI the store is at
+``MASTER_ADDR:MASTER_PORT`` (torchrun's agent store when ``TORCHELASTIC_USE_AGENT_STORE``
+is set, the ``glmrt launch --launcher local`` parent when ``GLM_AGENT_STORE=1``, else rank 0
+serves it). Every rank then checks in with one atomic ``add`` and waits for the last
+arrival's key (O(N) store messages), so a missing rank is reported by count
+(``k of N ranks arrived``) instead of hanging. Timeouts grow with the world size
+(:func:`timeout_for`).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from glm_core.errors import GLMError
+
+MPI_MARKERS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
+
+
+class DistributedError(GLMError):
+    """The job could not start, or a peer rank failed while it ran."""
+
+
+@dataclass
+class LaunchInfo:
+    """Where this process sits in the job, and how that was found out."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    source: str  # "explicit", "torchrun", "mpi4py", "openmpi", "pmi", "pmix", "slurm", "single"
+    comm: object = None  # mpi4py COMM_WORLD when discovered through MPI
+
+    @property
+    def all_local(self) -> bool:
+        return self.local_world_size == self.world_size
+
+
+def _int(env: Mapping[str, str], *names: str) -> int | None:
+    for n in names:
+        v = env.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                raise DistributedError(f"environment variable {n}={v!r} is not an integer") from None
+    return None
+
+
+def _from_env(env: Mapping[str, str]) -> LaunchInfo | None:
+    """Steps 4-6 of the discovery order (launcher variables, no MPI library)."""
+    table = (
+        ("openmpi", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",),
+         ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
+        ("pmi", ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID", "PALS_LOCAL_RANKID"),
+         ("MPI_LOCALNRANKS", "PALS_LOCAL_SIZE")),
+        ("pmix", ("PMIX_RANK",), ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"), ("PMIX_LOCAL_RANK",),
+         ("PMIX_LOCAL_SIZE",)),
+        ("slurm", ("SLURM_PROCID",), ("SLURM_NTASKS", "SLURM_NPROCS"), ("SLURM_LOCALID",),
+         ("SLURM_NTASKS_PER_NODE",)),
+    )
+    for source, rk, ws, lr, lw in table:
+        rank, world = _int(env, *rk), _int(env, *ws)
+        if rank is None or world is None:
+            continue
+        local = _int(env, *lr)
+        lsize = _int(env, *lw)
+        if local is None:
+            local, lsize = 0, 1
+        return LaunchInfo(rank, world, local, lsize or world, source)
+    return None
+
+
+def _from_mpi() -> LaunchInfo | None:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    world = MPI.COMM_WORLD
+    shared = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
+    info = LaunchInfo(world.Get_rank(), world.Get_size(), shared.Get_rank(), shared.Get_size(), "mpi4py", world)
+    shared.Free()
+    return info
+
+
+def discover(rank: int | None = None, world_size: int | None = None, local_rank: int | None = None,
+             env: Mapping[str, str] | None = None, use_mpi: bool = True) -> LaunchInfo:
+    """Rank, world size and local rank in the documented order (module docstring)."""
+    env = os.environ if env is None else env
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise DistributedError("give both rank and world_size, or neither")
+        lr = local_rank if local_rank is not None else (_int(env, "LOCAL_RANK") or 0)
+        return LaunchInfo(rank, world_size, lr, _int(env, "LOCAL_WORLD_SIZE") or world_size, "explicit")
+    r, w = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+    if r is not None and w is not None:
+        lr = _int(env, "LOCAL_RANK")
+        return LaunchInfo(r, w, lr or 0, _int(env, "LOCAL_WORLD_SIZE") or (w if lr is None else 1), "torchrun")
+    if use_mpi and any(m in env for m in MPI_MARKERS):
+        info = _from_mpi()
+        launcher = _from_env(env)
+        # An MPI library that does not match the launcher starts as a singleton; then the
+        # launcher's own variables are the truth.
+        if info is not None and not (info.world_size == 1 and launcher and launcher.world_size > 1):
+            return info
+    info = _from_env(env)
+    if info is not None:
+        return info
+    return LaunchInfo(0, 1, 0, 1, "single")
+
+
+def timeout_for(world_size: int, base_s: float | None = None) -> datetime.timedelta:
+    """Collective and store timeout: ``base + 20 ms x world_size``.
+
+    The store's rank 0 serves every check-in and every ``new_group`` exchange one request at
+    a time, so the time a healthy start needs grows linearly with the number of ranks (about
+    4 s more at 10K ranks per store round in our measurements, docs/scaling.md); 20 ms a
+    rank leaves a wide margin. ``base`` is ``GLM_DIST_TIMEOUT`` seconds, default 120.
+    """
+    if base_s is None:
+        base_s = float(os.environ.get("GLM_DIST_TIMEOUT", "120"))
+    return datetime.timedelta(seconds=base_s + 0.02 * world_size)
+
+
+def interface_address(name: str) -> str:
+    """IPv4 address of a network interface (Linux ``SIOCGIFADDR``)."""
+    names = [n for _, n in socket.if_nameindex()]
+    if name not in names:
+        raise DistributedError(f"network interface {name!r} not found (have: {', '.join(names)}); "
+                               "set GLM_BOOTSTRAP_IFACE to one of them")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+    except OSError as e:
+        raise DistributedError(f"network interface {name!r} has no IPv4 address ({e})") from None
+    finally:
+        s.close()
+    return socket.inet_ntoa(packed[20:24])
+
+
+def store_address(info: LaunchInfo, iface: str | None = None) -> str:
+    """The address rank 0 serves the store on (module docstring: configured, not guessed
+    from the first address ``hostname -I`` prints)."""
+    iface = iface or os.environ.get("GLM_BOOTSTRAP_IFACE")
+    if iface:
+        return interface_address(iface)
+    if os.environ.get("GLM_BOOTSTRAP_ADDR"):
+        return os.environ["GLM_BOOTSTRAP_ADDR"]
+    if info.all_local:
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(socket.getfqdn())
+    except OSError as e:
+        raise DistributedError(f"cannot resolve this host's name ({e}); set GLM_BOOTSTRAP_IFACE") from None
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each start-up phase on this rank."""
+
+    discover: float = 0.0
+    store: float = 0.0
+    arrival: float = 0.0
+    process_group: float = 0.0
+    subgroups: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("discover", "store", "arrival", "process_group", "subgroups")}
+        d.update(self.extra)
+        return d
+
+
+def _tcp_store(host: str, port: int, world: int, master: bool, timeout: datetime.timedelta):
+    from torch.distributed import TCPStore
+
+    return TCPStore(host, port, world, master, timeout=timeout, wait_for_workers=False, use_libuv=True)
+
+
+def open_store(info: LaunchInfo, timeout: datetime.timedelta, iface: str | None = None,
+               env: Mapping[str, str] | None = None):
+    """The rendezvous store for this job (module docstring)."""
+    env = os.environ if env is None else env
+    if info.comm is not None:
+        endpoint, err, store = None, None, None
+        if info.rank == 0:
+            try:
+                host = store_address(info, iface)
+                store = _tcp_store(host, 0, info.world_size, True, timeout)
+                endpoint = (host, store.port)
+            except Exception as e:  # noqa: BLE001 - every rank must learn why rank 0 failed
+                err = f"rank 0 could not open the rendezvous store: {e}"
+        endpoint, err = info.comm.bcast((endpoint, err), root=0)
+        if err:
+            raise DistributedError(err)
+        if store is None:
+            try:
+                store = _tcp_store(endpoint[0], endpoint[1], info.world_size, False, timeout)
+            except Exception as e:  # noqa: BLE001
+                raise DistributedError(f"rank {info.rank}: cannot reach the rendezvous store at "
+                                       f"{endpoint[0]}:{endpoint[1]} ({e}); check GLM_BOOTSTRAP_IFACE") from None
+        return store
+    host, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
+    if info.world_size > 1 and (not host or port is None):
+        raise DistributedError(f"launched by {info.source} without MPI: set MASTER_ADDR and MASTER_PORT, or "
+                               "install mpi4py (pip install glm-runtime[mpi]) so rank 0 can publish the store")
+    if info.world_size == 1 and (not host or port is None):
+        return _tcp_store("127.0.0.1", 0, 1, True, timeout)
+    agent = (env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true" or env.get("GLM_AGENT_STORE") == "1")
+    master = info.rank == 0 and not agent
+    try:
+        return _tcp_store(host, port, info.world_size, master, timeout)
+    except Exception as e:  # noqa: BLE001
+        raise DistributedError(f"rank {info.rank}: rendezvous store at {host}:{port} failed: {e}") from None
+
+
+def wait_for_all(store, info: LaunchInfo, timeout: datetime.timedelta, key: str = "glm/arrived") -> None:
+    """Check in and wait for every rank (one ``add`` and one ``wait`` per rank)."""
+    n = store.add(key, 1)
+    if n == info.world_size:
+        store.set(key + "/all", b"1")
+    try:
+        store.wait([key + "/all"], timeout)
+    except Exception:  # noqa: BLE001 - torch raises several types for a timed-out wait
+        arrived = store.add(key, 0)
+        raise DistributedError(f"rendezvous timed out after {timeout.total_seconds():.0f} s: {arrived} of "
+                               f"{info.world_size} ranks arrived (a rank is missing, died at start-up, or "
+                               "cannot reach the store)") from None
+
+
+@dataclass
+class DistContext:
+    """A started job: launch info, the store, this rank's device and the start-up timings."""
+
+    info: LaunchInfo
+    backend: object
+    device: object
+    store: object
+    timeout: datetime.timedelta
+    timings: Timings
+
+    @property
+    def rank(self) -> int:
+        return self.info.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.info.world_size
+
+
+_context: DistContext | None = None
+
+
+def current() -> DistContext | None:
+    return _context
+
+
+def under_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """True when this process was started by a launcher for a job of more than one rank."""
+    return discover(env=env, use_mpi=False).world_size > 1
+
+
+def init(backend=None, rank: int | None = None, world_size: int | None = None, local_rank: int | None = None,
+         iface: str | None = None, timeout_s: float | None = None) -> DistContext:
+    """Discover, rendezvous and create the default process group (idempotent).
+
+    ``backend`` is a glm backend (name or object); its ``dist_backend`` names the
+    torch.distributed backend and ``setup_process`` binds this rank's device.
+    """
+    global _context
+    if _context is not None:
+        return _context
+    import torch.distributed as dist
+
+    from glm_core.registry import Backend, get_backend
+
+    b = backend if isinstance(backend, Backend) else get_backend(backend)
+    t = Timings()
+    t0 = time.perf_counter()
+    info = discover(rank, world_size, local_rank)
+    t.discover = time.perf_counter() - t0
+    timeout = timeout_for(info.world_size, timeout_s)
+    t0 = time.perf_counter()
+    store = open_store(info, timeout, iface)
+    t.store = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    wait_for_all(store, info, timeout)
+    t.arrival = time.perf_counter() - t0
+    device = b.setup_process(info.local_rank)
+    t0 = time.perf_counter()
+    kw = {} if device.type == "cpu" else {"device_id": device}  # eager communicator on accelerators
+    try:
+        dist.init_process_group(b.dist_backend, store=dist.PrefixStore("glm/pg", store), rank=info.rank,
+                                world_size=info.world_size, timeout=timeout, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise DistributedError(f"rank {info.rank}: creating the {b.dist_backend} process group failed: {e}") \
+            from None
+    t.process_group = time.perf_counter() - t0
+    _context = DistContext(info, b, device, store, timeout, t)
+    return _context
+
+
+def shutdown() -> None:
+    """Destroy the process group (call on the normal exit path)."""
+    global _context
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _context = None
+
+
+@contextlib.contextmanager
+def fail_fast(what: str = "the distributed job"):
+    """Turn a failed collective into one line naming the failure and exit status 3.
+
+    When a peer dies, its sockets close and the next collective on every other rank raises
+    (gloo: "Connection closed by peer"; a hung peer: the collective timeout). Exiting at
+    once with ``os._exit`` matters: a normal interpreter exit would run the process group's
+    destructor, which may wait on the dead peer.
+    """
+    try:
+        yield
+    except DistributedError as e:
+        _die(f"{what} failed: {e}")
+    except RuntimeError as e:  # torch.distributed errors derive from RuntimeError
+        ctx = current()
+        who = f"rank {ctx.rank} of {ctx.world_size}" if ctx else "this rank"
+        limit = f"{ctx.timeout.total_seconds():.0f} s" if ctx else "configured"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _die(f"{who}: {what} failed ({type(e).__name__}: {first}); a peer rank died, hung past the "
+             f"{limit} timeout or is unreachable")
+
+
+def _die(msg: str) -> None:
+    print(f"glmrt: error: {msg}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(3)

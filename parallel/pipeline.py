@@ -1,0 +1,154 @@
+"""Pipeline parallelism: stage partition and training with torch's pipelining schedules.
+
+Schedules are torch.distributed.pipelining's: ``1f1b`` (Schedule1F1B, the PipeDream-Flush
+schedule GLM-130B trained with) and ``gpipe`` (ScheduleGPipe). A stage's inputs are the
+hidden state (token ids on the first stage), the position ids and the attention mask;
+the ids and mask ride along between stages so every stage builds its rotary angles and
+attends with the same mask, whatever micro-batch it is working on.
+
+The bubble: with p stages of equal cost and m micro-batches, a rank idles for a fraction
+(p - 1) / (m + p - 1) of a step. :func:`measure_bubble` measures it as
+``1 - m * t_microbatch / t_step`` (t_microbatch: this stage's forward + backward of one
+micro-batch, timed alone) so it can be compared with that figure.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from glm_core.errors import GLMError
+
+SCHEDULES = ("1f1b", "gpipe")
+
+
+def partition_layers(num_layers: int, stages: int, ends_lighter: bool = False) -> list[tuple[int, int]]:
+    """[start, end) layer ranges of each stage, as even as possible (extra layers go to the
+    earliest stages). ``ends_lighter``: the first and last stage take one layer fewer
+    than the others, to balance the embedding and the output projection they also hold
+    (GLM-130B: 70 layers on 8 stages as 8, 9, 9, 9, 9, 9, 9, 8)."""
+    if stages < 1:
+        raise GLMError(f"pipeline stages must be >= 1, got {stages}")
+    if stages == 1:
+        return [(0, num_layers)]
+    slots = num_layers + (2 if ends_lighter else 0)
+    base, extra = divmod(slots, stages)
+    counts = [base + (1 if i < extra else 0) for i in range(stages)]
+    if ends_lighter:
+        counts[0] -= 1
+        counts[-1] -= 1
+    if min(counts[1:-1] or [1]) < 1 or min(counts) < 0:
+        raise GLMError(f"cannot split {num_layers} layers into {stages} pipeline stages"
+                       f"{' with lighter ends' if ends_lighter else ''}")
+    bounds, start = [], 0
+    for n in counts:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def bubble_theory(stages: int, microbatches: int) -> float:
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+class _Stage(nn.Module):
+    """What a pipelining stage runs: (ids | hidden, positions, mask) -> same for the next
+    stage, or local-vocabulary logits on the last."""
+
+    def __init__(self, pmodel):
+        super().__init__()
+        self.pmodel = pmodel
+
+    def forward(self, x, position_ids, mask):
+        y = self.pmodel.stage_forward(x, position_ids, mask.bool(), gather=False)
+        return y if self.pmodel.last else (y, position_ids, mask)
+
+
+class PipelineTrainer:
+    """One training step (forward, backward, gradient finalisation) of a pipelined model.
+
+    ``data_parallel``: "ddp" wraps the stage in DistributedDataParallel over the DP group
+    (torch's pipelining defers its all-reduce to the last micro-batch), None for no DP.
+    """
+
+    def __init__(self, pmodel, microbatches: int, schedule: str = "1f1b", data_parallel: str | None = None):
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        if schedule not in SCHEDULES:
+            raise GLMError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+        self.pmodel, self.m, self.schedule_name = pmodel, microbatches, schedule
+        t = pmodel.topo
+        self.topo = t
+        self.module = _Stage(pmodel)
+        sub = self.module
+        if data_parallel == "ddp" and t.dp > 1:
+            from .data import wrap_ddp
+
+            sub = wrap_ddp(self.module, t)
+        device = pmodel.embed.weight.device
+        self.stage = PipelineStage(sub, t.pp_rank, t.pp, device, group=t.pp_group)
+        cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
+        self.schedule = cls(self.stage, microbatches, loss_fn=self._loss)
+
+    def _loss(self, logits, targets):
+        return self.pmodel.loss(logits, targets)
+
+    def step(self, input_ids, targets, position_ids, mask) -> torch.Tensor:
+        """Run the schedule over ``m`` micro-batches of this rank's batch; returns the mean
+        loss (on every rank of the pipeline)."""
+        t = self.topo
+        if input_ids.shape[0] % self.m:
+            raise GLMError(f"batch of {input_ids.shape[0]} rows does not split into {self.m} micro-batches")
+        losses = []
+        if t.is_first_stage:
+            self.schedule.step(input_ids, position_ids, mask.to(torch.uint8),
+                               target=targets if t.is_last_stage else None)
+        elif t.is_last_stage:
+            self.schedule.step(target=targets, losses=losses)
+        else:
+            self.schedule.step()
+        self.pmodel.finalize_grads()
+        loss = torch.stack(losses).mean().detach() if t.is_last_stage else torch.zeros(())
+        dist.broadcast(loss, src=t.stage_rank(t.pp - 1), group=t.pp_group)
+        return loss
+
+
+def measure_bubble(trainer: PipelineTrainer, batch: tuple, repeats: int = 3) -> dict:
+    """Measured and theoretical bubble fraction of one pipelined step on this rank.
+
+    ``t_step`` is the median wall time of a full step (all ranks start it together after a
+    barrier); ``t_micro`` is this stage's forward + backward of one micro-batch with no
+    pipeline around it, using inputs of the shapes the stage sees.
+    """
+    input_ids, targets, pos, mask = batch
+    t = trainer.topo
+    pm = trainer.pmodel
+    steps = []
+    for _ in range(repeats + 1):
+        dist.barrier()
+        t0 = time.perf_counter()
+        trainer.step(input_ids, targets, pos, mask)
+        steps.append(time.perf_counter() - t0)
+    mb = input_ids.shape[0] // trainer.m
+    ids, tg, ps, mk = input_ids[:mb], targets[:mb], pos[:mb], mask[:mb]
+    H = pm.global_config.hidden_size
+    if pm.first:
+        x = ids
+    else:
+        x = torch.randn(mb, ids.shape[1], H, dtype=pm.embed.weight.dtype, requires_grad=True)
+    micro = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        y = pm.stage_forward(x, ps, mk, gather=False)
+        out = pm.loss(y, tg) if pm.last else y.float().square().mean()
+        out.backward()
+        micro.append(time.perf_counter() - t0)
+    for p in pm.parameters():
+        p.grad = None
+    t_step = sorted(steps[1:])[len(steps[1:]) // 2]
+    t_micro = sorted(micro[1:])[len(micro[1:]) // 2]
+    return {"stage": t.pp_rank, "stages": t.pp, "microbatches": trainer.m, "schedule": trainer.schedule_name,
+            "t_step": t_step, "t_micro": t_micro, "bubble": max(0.0, 1 - trainer.m * t_micro / t_step),
+            "theory": bubble_theory(t.pp, trainer.m)}
