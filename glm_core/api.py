@@ -118,8 +118,10 @@ def storage_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 
 
 def build_model(config: GLMConfig, state: dict[str, torch.Tensor] | None, backend: Backend,
-                strict_ops: bool | None = None, seed: int = 0, local_rank: int = 0) -> GLMModel:
-    """Instantiate the graph on ``backend``; random weights (std 0.02) when ``state`` is None."""
+                strict_ops: bool | None = None, seed: int = 0, local_rank: int = 0,
+                trainable: bool = False) -> GLMModel:
+    """Instantiate the graph on ``backend``; random weights (std 0.02) when ``state`` is None.
+    ``trainable`` keeps gradients on (training); otherwise the model is frozen in eval mode."""
     dtype = backend.compute_dtype(storage_dtype(state) if state else torch.float32)
     device = backend.device(local_rank)
     ops = build_op_table(backend, config, dtype, strict_ops)
@@ -129,7 +131,7 @@ def build_model(config: GLMConfig, state: dict[str, torch.Tensor] | None, backen
         state = random_state(config, seed)
     model.load_state_dict(_place(state, dtype, device), strict=True, assign=True)
     model.rotary = type(model.rotary)(config, device=device)  # its buffer was built on meta
-    return model.eval().requires_grad_(False)
+    return model if trainable else model.eval().requires_grad_(False)
 
 
 def random_state(config: GLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -149,14 +151,23 @@ def random_state(config: GLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | os.PathLike, backend: str | Backend | None = None, strict_ops: bool | None = None,
-               progress: bool = False, **kwargs) -> GLM:
+               progress: bool = False, tp: int = 1, pp: int = 1, dp: int | None = None, **kwargs) -> GLM:
     """Load any supported checkpoint directory onto a backend (see the module docstring).
 
     ``backend`` follows the selection precedence (argument > GLM_BACKEND > auto).
+    ``tp``/``pp``/``dp`` (or being started by a launcher such as mpirun, srun or torchrun)
+    make this a collective call of every rank: see :mod:`parallel.api`.
     """
     from converters.detect import load_checkpoint
 
     b = backend if isinstance(backend, Backend) else get_backend(backend)
+    exported = getattr(b, "load_runtime", None) is not None  # runs its own graph: one process each
+    if tp != 1 or pp != 1 or (dp or 1) != 1 or (_under_launcher() and not exported):
+        if kwargs:
+            raise GLMError(f"load_model got unsupported option(s): {', '.join(sorted(kwargs))}")
+        from parallel.api import load_parallel
+
+        return load_parallel(path, b, tp=tp, pp=pp, dp=dp, strict_ops=strict_ops, progress=progress)
     # Optional backend capability: a backend that runs its own format (an exported graph)
     # provides ``load_runtime(path, strict_ops=, progress=, **options)`` returning an object
     # with GLMModel's forward signature, ``config``, ``ops`` and ``tokenizer_path``.
@@ -169,3 +180,9 @@ def load_model(path: str | os.PathLike, backend: str | Backend | None = None, st
     _, config, state, tok = load_checkpoint(path, progress=progress)
     model = build_model(config, state, b, strict_ops)
     return GLM(model, b, None if tok is None else str(tok), source=os.fspath(path))
+
+
+def _under_launcher() -> bool:
+    from parallel.bootstrap import under_launcher
+
+    return under_launcher()
