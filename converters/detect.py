@@ -10,12 +10,14 @@ from pathlib import Path
 
 from glm_core.errors import CheckpointError
 
-from . import hf, native
+from . import chatglm, hf, native
 
 FORMATS = [
-    ("native", native.is_native, lambda p, progress: native.load(p)),
-    ("hf", hf.is_hf_glm, lambda p, progress: hf.read(p, progress=progress)),
+    ("native", native.is_native, lambda p, progress, **kw: native.load(p)),
+    ("hf", hf.is_hf_glm, lambda p, progress, **kw: hf.read(p, progress=progress)),
+    ("chatglm", chatglm.is_chatglm, lambda p, progress, **kw: chatglm.read(p, progress=progress)),
 ]
+TOKENIZER_FILES = (native.TOKENIZER, "ice_text.model")  # ChatGLM-6B names its sentencepiece model so
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -38,5 +40,5 @@ def load_checkpoint(path: str | os.PathLike, progress: bool = False):
     reader = next(r for name, _, r in FORMATS if name == fmt)
     config, state = reader(path, progress)
     native.check_state(config, state, path)
-    tok = path / native.TOKENIZER
-    return fmt, config, state, (tok if tok.is_file() else None)
+    tok = next((path / t for t in TOKENIZER_FILES if (path / t).is_file()), None)
+    return fmt, config, state, tok

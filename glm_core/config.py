@@ -69,8 +69,10 @@ class GLMConfig:
     rope: str = "interleaved"
     rope_dim: int | None = None  # width of the rotated part of each head; None = head_dim // 2
     rope_base: float = 10000.0
-    # Round rotary frequencies and angles to fp16 as GLM-130B's SAT 0.2.x and the HF
-    # ChatGLM-6B code do; needed only for bit-faithful comparison with those runs.
+    # Round rotary frequencies to fp16 as GLM-130B's SAT 0.2.x and the HF ChatGLM-6B code
+    # do (and compute the angles in fp16 when the model runs in fp16, as they do); needed
+    # for faithful comparison with those runs (fp32 runs included: the rounded frequencies
+    # change the angles by up to ~1e-3 rad at position 256).
     rope_fp16: bool = False
     attention: str = "causal"
     # Query-key layer scaling (divide q by layer number, multiply back in fp32 before the

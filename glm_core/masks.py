@@ -12,7 +12,8 @@ the family's own masks and positions come from here.
     first [MASK] (or [sMASK]) when the context holds one, else continuing ``ctx, ctx+1..``.
   - 2D positions (ChatGLM-6B, as its tokenizer builds them): first row ``0..ctx-1`` then
     the mask position (first [MASK] if present, else first [gMASK]); second row (block
-    position) 0 over the context, then ``1, 2, ...`` from ``<sop>``.
+    position) 0 over the context, then ``1, 2, ...`` from ``<sop>``. Each generated token
+    repeats the last first-row id and increments the block id.
 
 Every query row may attend at least to itself, so pad rows never produce NaN (their
 outputs are ignored).
@@ -78,7 +79,9 @@ def prefill_inputs(config: GLMConfig, input_ids: torch.Tensor, attention_mask: t
                 m = ctx if m is None else m
                 pos[b, 0, start:] = torch.where(r < ctx, r, torch.full_like(r, m))
                 pos[b, 1, start:] = torch.where(r < ctx, torch.zeros_like(r), r - ctx + 1)
-                next_pos[b, 0], next_pos[b, 1] = m, n - ctx + 1
+                # HF ChatGLM-6B's generate appends (last position, last block + 1): the mask
+                # position after <sop>, the last context position when there is no <sop>.
+                next_pos[b, 0], next_pos[b, 1] = pos[b, 0, -1], n - ctx + 1
             else:
                 m = _first(ids[:ctx], config.mask_token_id)
                 m = _first(ids[:ctx], config.smask_token_id) if m is None else m

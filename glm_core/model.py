@@ -169,21 +169,24 @@ class Rotary(nn.Module):
         width = c.rope_dim // 2 if self.two_d else c.rope_dim  # rotated width per position index
         inv = 1.0 / (c.rope_base ** (torch.arange(0, width, 2, dtype=torch.float32, device=device) / width))
         self.fp16 = c.rope_fp16
-        if self.fp16:  # SAT 0.2.x / HF ChatGLM-6B: frequencies (and angles) in fp16
-            inv = inv.half()
+        if self.fp16:  # SAT 0.2.x / HF ChatGLM-6B round the frequencies to fp16 at construction
+            inv = inv.half().float()
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """position_ids: [B, T] (1D) or [B, 2, T] (2D: position, block position)."""
         if self.two_d:
-            ang = torch.cat((self._angles(position_ids[:, 0]), self._angles(position_ids[:, 1])), -1)
+            ang = torch.cat((self._angles(position_ids[:, 0], dtype), self._angles(position_ids[:, 1], dtype)), -1)
         else:
-            ang = self._angles(position_ids)
+            ang = self._angles(position_ids, dtype)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
-    def _angles(self, pos):
-        if self.fp16:
-            return (pos.half().unsqueeze(-1) * self.inv_freq).float()
+    def _angles(self, pos, dtype):
+        # The original code computes the angles in its frequency buffer's dtype, which
+        # follows the model's: fp16 on a half model, fp32 after ``.float()`` (still from
+        # the fp16-rounded frequencies). Reproduce both.
+        if self.fp16 and dtype == torch.float16:
+            return (pos.half().unsqueeze(-1) * self.inv_freq.half()).float()
         return pos.float().unsqueeze(-1) * self.inv_freq
 
 
