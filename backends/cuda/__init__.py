@@ -1,0 +1,1 @@
+"""The NVIDIA CUDA backend: Triton kernels tuned per compute capability, NCCL collectives."""
