@@ -10,12 +10,13 @@ from pathlib import Path
 
 from glm_core.errors import CheckpointError
 
-from . import chatglm, hf, native
+from . import chatglm, hf, native, sat
 
 FORMATS = [
     ("native", native.is_native, lambda p, progress, **kw: native.load(p)),
     ("hf", hf.is_hf_glm, lambda p, progress, **kw: hf.read(p, progress=progress)),
     ("chatglm", chatglm.is_chatglm, lambda p, progress, **kw: chatglm.read(p, progress=progress)),
+    ("sat", sat.is_sat, lambda p, progress, sat_args=None: sat.read(p, sat_args, progress=progress)),
 ]
 TOKENIZER_FILES = (native.TOKENIZER, "ice_text.model")  # ChatGLM-6B names its sentencepiece model so
 
@@ -29,16 +30,21 @@ def detect_format(path: str | os.PathLike) -> str:
     for name, test, _ in FORMATS:
         if test(path):
             return name
-    raise CheckpointError("not a recognised GLM checkpoint (looked for a native config.json, or a transformers "
-                          "glm/glm4 config.json)", path)
+    raise CheckpointError("not a recognised GLM checkpoint (looked for a native, transformers glm/glm4 or THUDM "
+                          "chatglm config.json, or a SAT 'latest' + mp_rank_XX_model_states.pt layout)", path)
 
 
-def load_checkpoint(path: str | os.PathLike, progress: bool = False):
-    """(format name, GLMConfig, state dict, tokenizer file or None), checked against the config."""
+def load_checkpoint(path: str | os.PathLike, progress: bool = False, sat_args: str | None = None):
+    """(format name, GLMConfig, state dict, tokenizer file or None), checked against the config.
+
+    ``sat_args`` (SAT model arguments or a preset name) describes a SAT checkpoint, which
+    has no config file; it is an error for any other format."""
     path = Path(path)
     fmt = detect_format(path)
     reader = next(r for name, _, r in FORMATS if name == fmt)
-    config, state = reader(path, progress)
+    if sat_args is not None and fmt != "sat":
+        raise CheckpointError(f"--sat-args given, but this is a {fmt} checkpoint (it has its own config)", path)
+    config, state = reader(path, progress, **({"sat_args": sat_args} if fmt == "sat" else {}))
     native.check_state(config, state, path)
     tok = next((path / t for t in TOKENIZER_FILES if (path / t).is_file()), None)
     return fmt, config, state, tok

@@ -151,18 +151,23 @@ def random_state(config: GLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | os.PathLike, backend: str | Backend | None = None, strict_ops: bool | None = None,
-               progress: bool = False, tp: int = 1, pp: int = 1, dp: int | None = None, **kwargs) -> GLM:
+               progress: bool = False, tp: int = 1, pp: int = 1, dp: int | None = None,
+               sat_args: str | None = None, **kwargs) -> GLM:
     """Load any supported checkpoint directory onto a backend (see the module docstring).
 
     ``backend`` follows the selection precedence (argument > GLM_BACKEND > auto).
     ``tp``/``pp``/``dp`` (or being started by a launcher such as mpirun, srun or torchrun)
     make this a collective call of every rank: see :mod:`parallel.api`.
+    ``sat_args`` describes a GLM-130B SAT checkpoint (its SAT model arguments, or a preset
+    name), which carries no config of its own.
     """
     from converters.detect import load_checkpoint
 
     b = backend if isinstance(backend, Backend) else get_backend(backend)
     exported = getattr(b, "load_runtime", None) is not None  # runs its own graph: one process each
     if tp != 1 or pp != 1 or (dp or 1) != 1 or (_under_launcher() and not exported):
+        if sat_args is not None:
+            kwargs["sat_args"] = sat_args  # parallel loads read native/transformers checkpoints
         if kwargs:
             raise GLMError(f"load_model got unsupported option(s): {', '.join(sorted(kwargs))}")
         from parallel.api import load_parallel
@@ -177,7 +182,7 @@ def load_model(path: str | os.PathLike, backend: str | Backend | None = None, st
         return GLM(runner, b, runner.tokenizer_path, source=os.fspath(path))
     if kwargs:
         raise GLMError(f"load_model got unsupported option(s): {', '.join(sorted(kwargs))}")
-    _, config, state, tok = load_checkpoint(path, progress=progress)
+    _, config, state, tok = load_checkpoint(path, progress=progress, sat_args=sat_args)
     model = build_model(config, state, b, strict_ops)
     return GLM(model, b, None if tok is None else str(tok), source=os.fspath(path))
 

@@ -9,7 +9,7 @@ import torch
 from glm_core.ops import Kernel, reference
 from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
 
-from . import kernels
+from . import kernels, quant_kernels
 
 FP32 = frozenset({torch.float32})
 
@@ -45,7 +45,8 @@ class CPUBackend(Backend):
             "glu": Kernel(kernels.glu, FP32, "F.silu / F.gelu(erf)"),
             "gelu_tanh": Kernel(kernels.gelu_tanh, FP32, "F.gelu(tanh)"),
             "rotary": Kernel(reference.rotary, FP32, "reference (adopted)"),
-            "quantized_linear": Kernel(reference.quantized_linear, FP32, "reference dequantise + matmul"),
+            "quantized_linear": Kernel(quant_kernels.quantized_linear, FP32,
+                                       "aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu"),
             "cross_entropy": Kernel(reference.cross_entropy, FP32, "reference (adopted)"),
         }
         return k

@@ -19,6 +19,7 @@ from ..errors import GLMError  # noqa: E402
 COMMANDS = [
     "glm_core.cli.generate",
     "glm_core.cli.convert",
+    "glm_core.cli.quantize",
     "glm_core.cli.backends",
     "glm_core.cli.export_onnx",
 ]
