@@ -1,0 +1,119 @@
+"""Multi-process checks: the (TP, PP, DP) grid under mpiexec, torchrun and the local
+launcher against the single-process model, and failure handling (a rank killed mid-job,
+a rank that never arrives). One launch per world size runs every check of that size
+(see mpi_worker.py for what is compared and the fp32 tolerances)."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+
+pytestmark = pytest.mark.slow
+
+
+def _env(**extra):
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(extra)
+    return env
+
+
+def _results(out: str) -> list[dict]:
+    return [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
+
+
+def _run(cmd, timeout=240, **env):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=_env(**env),
+                       cwd=ROOT)
+    return p, _results(p.stdout)
+
+
+def _check(p, results, expected: int):
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert len(results) == expected, p.stdout[-3000:]
+    for r in results:
+        assert all(r.get(k, True) for k in ("logits", "tokens", "loss", "grads")), r
+
+
+@pytest.fixture(scope="module")
+def mpiexec():
+    if not MPIEXEC.exists():
+        pytest.skip("mpiexec is not installed in this environment (pip install glm-runtime[mpi])")
+    return MPIEXEC
+
+
+def test_grid_2_ranks_via_glmrt_launch_mpirun(mpiexec, tmp_path):
+    """(2,1,1) and (1,2,1) with both schedules, three families; load_model(tp=2) API."""
+    p, res = _run([BIN / "glmrt", "launch", "-n", "2", "--launcher", "mpirun", "--", sys.executable,
+                   HERE / "mpi_worker.py", "--layouts", "2,1,1;1,2,1;1,2,1:gpipe",
+                   "--configs", "chatglm2,glm-130b,chatglm-6b", "--load-model", "2,1", "--workdir", tmp_path])
+    _check(p, res, 3 * 3 + 1)
+    assert {(r["tp"], r["pp"]) for r in res} == {(2, 1), (1, 2)}
+
+
+def test_grid_4_ranks(mpiexec, tmp_path):
+    """(4,1,1): 2 KV groups on 4 TP ranks (replicated); (2,2,1); (2,1,2); load_model(tp=2, pp=2)."""
+    p, res = _run([mpiexec, "-n", "4", sys.executable, HERE / "mpi_worker.py",
+                   "--layouts", "4,1,1;2,2,1;2,1,2", "--load-model", "2,2", "--workdir", tmp_path])
+    _check(p, res, 3 * 2 + 1)
+
+
+def test_grid_8_ranks(mpiexec):
+    """(2,2,2): TP x PP x DP together (DDP inside the pipeline schedule)."""
+    p, res = _run([mpiexec, "-n", "8", sys.executable, HERE / "mpi_worker.py", "--layouts", "2,2,2:gpipe"])
+    _check(p, res, 2)
+
+
+def test_torchrun_launch_discovers_ranks():
+    """The same worker started by torchrun (env:// variables, no MPI)."""
+    p, res = _run([BIN / "glmrt", "launch", "-n", "2", "--launcher", "torchrun", "--", sys.executable,
+                   HERE / "mpi_worker.py", "--layouts", "2,1,1", "--configs", "chatglm-6b"])
+    _check(p, res, 1)
+
+
+def test_killed_rank_makes_the_others_fail_fast():
+    """SIGKILL one of 3 ranks mid-loop: the two others print an error naming the failed
+    collective and exit 3 well within the 20 s timeout; nobody hangs."""
+    t0 = time.monotonic()
+    p = subprocess.run([str(BIN / "glmrt"), "launch", "-n", "3", "--launcher", "local", "--", sys.executable,
+                        str(HERE / "failure_worker.py"), "--victim", "1"], capture_output=True, text=True,
+                       timeout=120, env=_env(GLM_DIST_TIMEOUT="20"), cwd=ROOT)
+    elapsed = time.monotonic() - t0
+    assert p.returncode == 3, p.stderr
+    for r in (0, 2):
+        line = [x for x in p.stderr.splitlines() if x.startswith(f"glmrt: error: rank {r} of 3: all-reduce loop")]
+        assert line, p.stderr
+    assert "rank 1 exited with status -9" in p.stderr
+    assert "still running" not in p.stderr  # survivors exited by themselves
+    assert "loop finished" not in p.stdout
+    assert elapsed < 60
+
+
+def test_missing_rank_is_reported_by_count_not_a_hang():
+    """World size 3 with only 2 ranks started: both stop after the timeout saying 2 of 3 arrived."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, 3, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    code = "from parallel import bootstrap; bootstrap.init('cpu')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(RANK=str(r), WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(store.port), GLM_AGENT_STORE="1", GLM_DIST_TIMEOUT="4"),
+                              cwd=ROOT) for r in range(2)]
+    t0 = time.monotonic()
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    assert time.monotonic() - t0 < 40
+    for p, err in zip(procs, errs):
+        assert p.returncode != 0
+        assert "2 of 3 ranks arrived" in err, err
