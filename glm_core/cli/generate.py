@@ -1,6 +1,7 @@
 """``glmrt generate``: text (or ids) in, generated text out, streamed as it is decoded."""
 from __future__ import annotations
 
+import os
 import sys
 
 from ..errors import GLMError
@@ -32,6 +33,8 @@ def add_arguments(p):
     p.add_argument("--stop", type=int, nargs="*", help="stop token ids (default: the model's eos ids)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end only")
     p.add_argument("--ops", action="store_true", help="print the model's op report to stderr")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under a launcher: glmrt launch)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (run under a launcher)")
     add_backend_args(p)
 
 
@@ -43,7 +46,9 @@ def run(args) -> int:
     run_cfg = read_run_config(args.config)
     model_dir = args.model or run_cfg.get("model") or default_model()
     b = get_backend(args.backend, run_cfg.get("backend"))
-    m = load_model(model_dir, backend=b, strict_ops=args.strict_ops)
+    m = load_model(model_dir, backend=b, strict_ops=args.strict_ops, tp=args.tp, pp=args.pp)
+    if getattr(m, "topo", None) is not None and m.topo.rank != 0:  # every rank decodes; rank 0 prints
+        sys.stdout = open(os.devnull, "w")
     if args.ops:
         print(m.op_report(), file=sys.stderr)
     tok = Tokenizer(m.tokenizer_path, m.config) if m.tokenizer_path else None

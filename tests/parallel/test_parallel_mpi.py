@@ -117,3 +117,20 @@ def test_missing_rank_is_reported_by_count_not_a_hang():
     for p, err in zip(procs, errs):
         assert p.returncode != 0
         assert "2 of 3 ranks arrived" in err, err
+
+
+def test_glmrt_generate_tp2_under_mpiexec_matches_single_process(mpiexec, tmp_path):
+    from converters import native
+    from glm_core.api import random_state
+    from glm_core.presets import preset
+
+    cfg = preset("tiny-chatglm2", vocab_size=1003, num_layers=3)
+    ckpt = native.save(tmp_path / "ckpt", cfg, random_state(cfg, seed=5))
+    args = [ckpt, "--ids", "5,6,7,8,9", "--max-new-tokens", "6", "--backend", "cpu"]
+    single = subprocess.run([str(BIN / "glmrt"), "generate", *map(str, args)], capture_output=True, text=True,
+                            env=_env(), timeout=120)
+    par = subprocess.run([str(mpiexec), "-n", "2", str(BIN / "glmrt"), "generate", *map(str, args), "--tp", "2"],
+                         capture_output=True, text=True, env=_env(), timeout=120)
+    assert single.returncode == 0 and par.returncode == 0, single.stderr + par.stderr
+    assert par.stdout.strip() == single.stdout.strip()  # printed once (rank 0), same tokens
+    assert len(single.stdout.strip().split(",")) == 11
