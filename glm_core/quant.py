@@ -19,7 +19,10 @@ def quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     w = weight.float()
     qmax = 2 ** (bits - 1) - 1
     scale = (w.abs().amax(dim=1) / qmax).half()
-    s = scale.float().clamp_min(torch.finfo(torch.float16).tiny).unsqueeze(1)
+    # Divide by the stored (fp16, possibly subnormal) scale itself so that |w - q*s| <= s/2;
+    # an all-zero row has scale 0 and quantizes to zeros.
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(1)
     q = torch.round(w / s).clamp_(-qmax, qmax).to(torch.int8)
     if bits == 4:
         if q.shape[1] % 2:
