@@ -160,4 +160,4 @@ def test_backends_command_lists_cpu(capsys):
     assert main(["backends", "--ops"]) == 0
     out = capsys.readouterr().out
     assert "cpu: available" in out and "distributed backend gloo" in out
-    assert "attention" in out and "scaled_dot_product_attention" in out
+    assert "attention" in out and "grouped-query matmul attention" in out

@@ -35,13 +35,13 @@ class CPUBackend(Backend):
                             fused_attention_fp32_softmax=True)
 
     def kernels(self) -> dict[str, Kernel]:
-        k = {
+        return {
             "embedding": Kernel(kernels.embedding, FP32, "F.embedding"),
             "linear": Kernel(kernels.linear, FP32, "F.linear"),
             "lm_head": Kernel(kernels.lm_head, FP32, "F.linear"),
             "layer_norm": Kernel(kernels.layer_norm, FP32, "F.layer_norm"),
             "rms_norm": Kernel(kernels.rms_norm, FP32, "F.rms_norm"),
-            "attention": Kernel(kernels.attention, FP32, "scaled_dot_product_attention, fp32"),
+            "attention": Kernel(kernels.attention, FP32, "grouped-query matmul attention, fp32 softmax"),
             "glu": Kernel(kernels.glu, FP32, "F.silu / F.gelu(erf)"),
             "gelu_tanh": Kernel(kernels.gelu_tanh, FP32, "F.gelu(tanh)"),
             "rotary": Kernel(reference.rotary, FP32, "reference (adopted)"),
@@ -49,7 +49,6 @@ class CPUBackend(Backend):
                                        "aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu"),
             "cross_entropy": Kernel(reference.cross_entropy, FP32, "reference (adopted)"),
         }
-        return k
 
     def doctor(self) -> list[Check]:
         return [Check("torch", True, torch.__version__),
