@@ -1,13 +1,28 @@
-"""SentencePiece tokenizer wrapper with GLM special tokens.
+"""SentencePiece tokenizer wrapper with GLM special tokens, in each family's id layout.
 
-Layout (as ChatGLM2/3 do it): the sentencepiece model holds the text pieces, ids
+Default layout (as ChatGLM2/3 do it): the sentencepiece model holds the text pieces, ids
 ``0..n-1``; GLM's special tokens are appended after it in the order
 ``[MASK] [gMASK] [sMASK] sop eop`` unless the model config names other ids. Text may
 contain the literal markers ``[MASK]``, ``[gMASK]``, ``[sMASK]``, ``<sop>``, ``<eop>``,
 which are encoded as those ids.
+
+Family layouts, read from the files and the model config:
+
+* image tokens before the text (GLM-130B's icetk: 20000; ChatGLM-6B before the April-2023
+  "slim" update: 20000, after it: 0): text id = piece id + ``image_tokens``. The number
+  comes from ``num_image_tokens`` in a ``tokenizer_config.json`` next to the model file,
+  else from the config (GLM-130B, or ChatGLM-6B with the original [MASK] id 150000).
+* special tokens that are pieces of the model (ChatGLM-6B's ``ice_text.model``) are found
+  by name when the config does not give their ids.
+* icetk text pre-processing when the model has a ``<n>`` piece (GLM-130B, ChatGLM-6B):
+  newline -> ``<n>``, tab -> ``<|tab|>``, runs of 2..80 spaces -> ``<|blank_k|>``; decoding
+  reverses it.
+* role tokens ``<|system|> <|user|> <|assistant|> <|observation|>`` right after ``eop``
+  (ChatGLM3: 64794..64797, GLM-4: 151335..151338), and GLM-4's ``<|endoftext|>``.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -16,7 +31,29 @@ from .errors import GLMError
 
 SPECIAL_ORDER = ("mask", "gmask", "smask", "sop", "eop")
 MARKERS = {"[MASK]": "mask", "[gMASK]": "gmask", "[sMASK]": "smask", "<sop>": "sop", "<eop>": "eop"}
-_MARKER_RE = re.compile("(" + "|".join(re.escape(m) for m in MARKERS) + ")")
+ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+_PIECE_NAMES = {"mask": ("[MASK]",), "gmask": ("[gMASK]",), "smask": ("[sMASK]",), "sop": ("<sop>", "sop"),
+                "eop": ("<eop>", "eop")}
+_ROLE_FAMILIES = ("chatglm3", "glm-4")
+MAX_BLANK = 80
+
+
+def image_tokens(model_file, config: GLMConfig | None) -> int:
+    """How many ids precede the text pieces (icetk image tokens)."""
+    tc = os.path.join(os.path.dirname(os.fspath(model_file)), "tokenizer_config.json")
+    if os.path.isfile(tc):
+        try:
+            with open(tc) as f:
+                n = json.load(f).get("num_image_tokens")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            n = None
+        if isinstance(n, int):
+            return n
+    if config is None:
+        return 0
+    if config.family == "glm-130b" or (config.family == "chatglm-6b" and config.mask_token_id == 150000):
+        return 20000
+    return 0
 
 
 class Tokenizer:
@@ -30,25 +67,56 @@ class Tokenizer:
         except (RuntimeError, OSError) as e:
             raise GLMError(f"not a sentencepiece model: {e}", model_file) from None
         n = self.sp.get_piece_size()
+        self.offset = image_tokens(model_file, config)
+        self.ice = self.sp.piece_to_id("<n>") != self.sp.unk_id()  # icetk pre-processing
         self.special = {}
         for i, name in enumerate(SPECIAL_ORDER):
             cid = getattr(config, f"{name}_token_id", None) if config is not None else None
-            self.special[name] = n + i if cid is None else cid
-        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
-        self._by_id = {self.special[name]: marker for marker, name in MARKERS.items()}
-        self.vocab_size = n + len(SPECIAL_ORDER)
+            if cid is None:
+                piece = next((self.sp.piece_to_id(p) for p in _PIECE_NAMES[name]
+                              if self.sp.piece_to_id(p) != self.sp.unk_id()), None)
+                cid = n + self.offset + i if piece is None else piece + self.offset
+            self.special[name] = cid
+        self.markers = {m: self.special[name] for m, name in MARKERS.items()}
+        family = getattr(config, "family", "") or ""
+        if family.startswith(_ROLE_FAMILIES):
+            self.markers.update({r: self.special["eop"] + 1 + i for i, r in enumerate(ROLES)})
+        if family.startswith("glm-4"):
+            self.markers["<|endoftext|>"] = self.special["mask"] - 1
+        self._marker_re = re.compile("(" + "|".join(re.escape(m) for m in self.markers) + ")")
+        self.eos_id = self.sp.eos_id() + self.offset if self.sp.eos_id() >= 0 else None
+        self.pad_id = self.sp.pad_id() + self.offset if self.sp.pad_id() >= 0 else 0
+        if self.ice and config is not None and config.pad_token_id is not None:
+            self.pad_id = config.pad_token_id
+        self._by_id = {i: m for m, i in self.markers.items()}
+        self.vocab_size = max(n + self.offset + len(SPECIAL_ORDER), max(self._by_id) + 1)
+
+    def _preprocess(self, text: str) -> str:
+        text = text.replace("\n", "<n>").replace("\t", "<|tab|>")
+        for k in range(MAX_BLANK, 1, -1):
+            text = text.replace(" " * k, f"<|blank_{k}|>")
+        return text
+
+    def _postprocess(self, text: str) -> str:
+        text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
+        return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of plain text (one sentencepiece call, no markers)."""
+        if self.ice:
+            text = self._preprocess(text)
+        return [i + self.offset for i in self.sp.encode(text)] if self.offset else self.sp.encode(text)
 
     def encode(self, text: str) -> list[int]:
         """Ids of ``text``; the literal markers ``[MASK]``, ``[gMASK]`` ... become their ids."""
         ids: list[int] = []
-        for part in _MARKER_RE.split(text):
+        for part in self._marker_re.split(text):
             if not part:
                 continue
-            if part in MARKERS:
-                ids.append(self.special[MARKERS[part]])
+            if part in self.markers:
+                ids.append(self.markers[part])
             else:
-                ids.extend(self.sp.encode(part))
+                ids.extend(self.encode_text(part))
         return ids
 
     def decode(self, ids, keep_special: bool = False) -> str:
@@ -68,11 +136,12 @@ class Tokenizer:
                 run.clear()
 
         for i in (int(x) for x in ids):
-            if 0 <= i < n:
-                run.append(i)
+            if i not in self._by_id and self.offset <= i < n + self.offset and not (self.ice and i == self.pad_id):
+                run.append(i - self.offset)  # text piece (image ids, and icetk pad, are dropped)
                 continue
             flush()
             if keep_special and i in self._by_id:
                 out.append(self._by_id[i])
         flush()
-        return "".join(out)
+        text = "".join(out)
+        return self._postprocess(text) if self.ice else text
