@@ -129,7 +129,8 @@ def build_model(config: GLMConfig, state: dict[str, torch.Tensor] | None, backen
         model = GLMModel(config, ops, quant_bits=config.quantization_bits, dtype=dtype)
     if state is None:
         state = random_state(config, seed)
-    model.load_state_dict(_place(state, dtype, device), strict=True, assign=True)
+    placed = {k: backend.prepare_parameter(k, v) for k, v in _place(state, dtype, device).items()}
+    model.load_state_dict(placed, strict=True, assign=True)
     model.rotary = type(model.rotary)(config, device=device)  # its buffer was built on meta
     return model if trainable else model.eval().requires_grad_(False)
 

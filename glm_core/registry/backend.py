@@ -92,6 +92,15 @@ class Backend:
         caps = self.capabilities()
         return storage_dtype if storage_dtype in caps.compute_dtypes else torch.float32
 
+    def prepare_parameter(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Give a loaded parameter the memory layout this backend's kernels want.
+
+        Called once per checkpoint key at load, after the cast to the compute dtype. The
+        result must have the same shape and values (a differently strided view is fine:
+        checkpoints are written from ``.contiguous()`` copies).
+        """
+        return tensor
+
     # -------------------------------------------------------------- runtime
     def device(self, local_rank: int = 0) -> torch.device:
         if self.device_type == "cpu":
