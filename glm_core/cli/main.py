@@ -21,6 +21,7 @@ COMMANDS = [
     "glm_core.cli.convert",
     "glm_core.cli.quantize",
     "glm_core.cli.backends",
+    "glm_core.cli.doctor",
     "glm_core.cli.export_onnx",
     "glm_core.cli.launch",
 ]

@@ -45,6 +45,9 @@ class DeviceView(Backend):
     def compute_dtype(self, storage_dtype):
         return self._dtype
 
+    def prepare_parameter(self, name, tensor):
+        return self.inner.prepare_parameter(name, tensor)
+
     def device(self, local_rank: int = 0):
         return self._device
 
