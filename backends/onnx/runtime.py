@@ -98,7 +98,7 @@ class OnnxSession:
 
     def _options(self, ort, profile_dir: str | None = None):
         so = ort.SessionOptions()
-        so.log_severity_level = 3  # errors reach the user through BackendError below
+        so.log_severity_level = 4  # fatal only: errors reach the user as one-line GLMErrors below
         if self.no_cpu_fallback:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         if profile_dir is not None:

@@ -1,0 +1,287 @@
+"""The onnx backend against the PyTorch cpu backend, for every GLM family.
+
+Each tiny preset keeps its family's real vocabulary and special-token ids (blank
+infilling needs them) and gets random weights drawn wider than the usual init
+(:func:`wide_state`), so that logits spread over several units and attention is far
+from uniform: a tolerance of 1e-4 on logits of that scale is a relative error of ~1e-5,
+where fp32 reordering gives a few 1e-7 and any lowering mistake gives 1e-2 or more.
+
+Every family is exported once per module (export is the slow part, ~5-10 s each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from converters import native
+from converters.onnx import layout
+from converters.onnx.export import export
+from glm_core import load_model, preset
+from glm_core.api import random_state
+from glm_core.errors import BackendError, CheckpointError, GLMError
+from glm_core.generation import full_inputs
+from glm_core.kv_cache import KVCache
+from glm_core.masks import decode_inputs, prefill_inputs
+
+FAMILIES = ["tiny-glm-130b", "tiny-chatglm-6b", "tiny-chatglm2", "tiny-glm-4", "tiny-glm-4-0414"]
+ATOL = 1e-4
+
+
+def wide_state(cfg, seed=0):
+    """Norm gains 1 + N(0, 0.1), embeddings N(0, 0.05), every other tensor N(0, 0.2). The
+    layers must outweigh the embedding: with GLM-130B's tied embedding and DeepNorm
+    residual a weaker stack makes greedy decoding repeat the last token forever."""
+    g = torch.Generator().manual_seed(seed)
+    st = random_state(cfg, seed)
+    for k, v in st.items():
+        if k.endswith("norm.weight"):
+            st[k] = 1 + 0.1 * torch.randn(v.shape, generator=g)
+        else:
+            std = 0.05 if k.startswith(("embed.", "lm_head.")) else 0.2
+            st[k] = std * torch.randn(v.shape, generator=g)
+    return st
+
+
+class Pair:
+    def __init__(self, name, root):
+        self.cfg = preset(name)
+        state = wide_state(self.cfg)
+        self.native_dir, self.onnx_dir = root / "native", root / "onnx"
+        native.save(self.native_dir, self.cfg, state)
+        self.report = export(self.cfg, state, self.onnx_dir, progress=False)
+        self.cpu = load_model(self.native_dir, backend="cpu")
+        self.onnx = load_model(self.onnx_dir, backend="onnx")
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    made = {}
+
+    def get(name) -> Pair:
+        if name not in made:
+            made[name] = Pair(name, tmp_path_factory.mktemp(name))
+        return made[name]
+    return get
+
+
+def infill_batch(cfg):
+    """Left-padded batch of blank-infilling prompts: text [MASK] text [gMASK] <sop>
+    (row 0 full length, row 1 with 3 pads, row 2 without <sop>)."""
+    pad = cfg.pad_token_id or 0
+    rows = [[11, 12, 13, cfg.mask_token_id, 14, 15, cfg.gmask_token_id, cfg.sop_token_id],
+            [21, cfg.mask_token_id, 22, cfg.gmask_token_id, cfg.sop_token_id],
+            [31, 32, 33, 34, cfg.gmask_token_id, 35]]
+    T = max(map(len, rows))
+    ids = torch.tensor([[pad] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefill_logits_match_cpu(pairs, name):
+    p = pairs(name)
+    ids, am = infill_batch(p.cfg)
+    ref, got = p.cpu(ids, am), p.onnx(ids, am)
+    real = am.bool()
+    assert ref[real].abs().max() > 0.5  # the tolerance below is meaningful at this scale
+    assert (got - ref)[real].abs().max() <= ATOL
+    assert p.report["max_abs_error_vs_torch"] <= ATOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_with_past_match_cpu(pairs, name):
+    """Prefill into a cache, 3 single-token steps, then a 3-token chunk, all with past."""
+    p = pairs(name)
+    ids, am = infill_batch(p.cfg)
+    B, T = ids.shape
+    steps = torch.tensor([[41, 42, 43, 44, 45, 46]] * B) + torch.arange(B)[:, None]
+
+    def run(model):
+        outs = []
+        cache = KVCache.for_config(p.cfg, B, T + 6, torch.float32)
+        pos, mask, state = prefill_inputs(p.cfg, ids, am)
+        with torch.inference_mode():
+            outs.append(model(ids, pos, mask, cache=cache, start=0)[am.bool()])
+            for i in range(3):
+                pos, mask = decode_inputs(state)
+                outs.append(model(steps[:, i:i + 1], pos, mask, cache=cache, start=T + i))
+            pos, mask = full_inputs(p.cfg, ids, am, 6)
+            outs.append(model(steps[:, 3:], pos[..., T + 3:], mask[:, :, T + 3:], cache=cache, start=T + 3))
+        return outs
+
+    for ref, got in zip(run(p.cpu.model), run(p.onnx.model)):
+        assert (got - ref).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_generation_identical(pairs, name):
+    p = pairs(name)
+    ids, am = infill_batch(p.cfg)
+    ref = p.cpu.generate(ids, am, max_new_tokens=32, stop_token_ids=[])
+    got = p.onnx.generate(ids, am, max_new_tokens=32, stop_token_ids=[])
+    assert ref.shape == (ids.shape[0], ids.shape[1] + 32)
+    assert torch.equal(got, ref)
+    assert min(len(set(r)) for r in ref[:, ids.shape[1]:].tolist()) > 8  # not a degenerate repeat
+
+
+def test_uncached_generation_matches_cached(pairs):
+    p = pairs("tiny-chatglm-6b")
+    ids, am = infill_batch(p.cfg)
+    a = p.onnx.generate(ids, am, max_new_tokens=6, stop_token_ids=[])
+    b = p.onnx.generate(ids, am, max_new_tokens=6, stop_token_ids=[], use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_export_metadata_and_op_report(pairs):
+    p = pairs("tiny-chatglm-6b")
+    info = layout.read_export(p.onnx_dir)
+    assert info.config == p.cfg and info.precision == "fp32" and info.opset >= 17
+    assert json.loads(info.meta["special_tokens"])["sop_token_id"] == p.cfg.sop_token_id
+    assert (p.onnx_dir / layout.DATA).stat().st_size > 4 * p.cfg.vocab_size * p.cfg.hidden_size
+    rep = p.onnx.op_report()
+    assert "providers in session: CPUExecutionProvider" in rep
+    assert "CPUExecutionProvider:" in rep and "MatMul" in rep
+
+
+# ------------------------------------------------------------------ bad input
+def _copy(src, dst):
+    shutil.copytree(src, dst, copy_function=os.link)
+    return dst
+
+
+def _set_meta(graph, **changes):
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    meta = {m.key: m.value for m in proto.metadata_props}
+    meta.update(changes)
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    os.unlink(graph)  # hard-linked: replace, do not write through
+    onnx.save(proto, str(graph))
+
+
+def test_wrong_family_metadata(pairs, tmp_path):
+    d = _copy(pairs("tiny-chatglm2").onnx_dir, tmp_path / "x")
+    _set_meta(d / layout.GRAPH, family="glm-130b")
+    with pytest.raises(CheckpointError, match="metadata family 'glm-130b' does not match"):
+        load_model(d, backend="onnx")
+
+
+def test_config_of_another_family(pairs, tmp_path):
+    """A 2D-RoPE config on a 1D-position graph: caught from the graph's inputs."""
+    d = _copy(pairs("tiny-chatglm2").onnx_dir, tmp_path / "x")
+    other = preset("tiny-chatglm-6b")
+    _set_meta(d / layout.GRAPH, family=other.family, config=json.dumps(other.to_dict()))
+    with pytest.raises(CheckpointError, match="position_ids has rank 2, the config .* needs rank 3"):
+        load_model(d, backend="onnx")
+
+
+def test_missing_and_truncated_external_data(pairs, tmp_path):
+    d = _copy(pairs("tiny-chatglm2").onnx_dir, tmp_path / "x")
+    data = d / layout.DATA
+    os.unlink(data)
+    with pytest.raises(CheckpointError, match="external data file model.onnx.data is missing"):
+        load_model(d, backend="onnx")
+    data.write_bytes(b"\0" * 1000)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(d, backend="onnx")
+
+
+def test_not_an_export_and_corrupt_graph(pairs, tmp_path):
+    p = pairs("tiny-chatglm2")
+    with pytest.raises(CheckpointError, match="not an ONNX export"):
+        load_model(p.native_dir, backend="onnx")
+    d = _copy(p.onnx_dir, tmp_path / "x")
+    os.unlink(d / layout.GRAPH)
+    (d / layout.GRAPH).write_bytes(b"\x08\x07garbage" * 50)
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        load_model(d, backend="onnx")
+
+
+def test_cli_error_is_one_line(pairs, tmp_path):
+    d = _copy(pairs("tiny-chatglm2").onnx_dir, tmp_path / "x")
+    os.unlink(d / layout.DATA)
+    env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
+    r = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "generate", str(d), "--backend", "onnx",
+                        "--ids", "5,6,7"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("WARNING")]
+    assert len(lines) == 1 and "external data file model.onnx.data is missing" in lines[0], r.stderr
+
+
+def test_provider_policy(pairs, caplog):
+    """Unavailable providers: error in strict mode, loud warning otherwise. A provider that
+    runs none of the nodes (onnxruntime's Azure EP) exercises the CPU-fallback rules."""
+    d = pairs("tiny-chatglm2").onnx_dir
+    with pytest.raises(BackendError, match="has no CUDAExecutionProvider"):
+        load_model(d, backend="onnx", providers=["cuda", "cpu"], strict_ops=True)
+    with caplog.at_level("WARNING"):
+        m = load_model(d, backend="onnx", providers="cuda,cpu", strict_ops=False)
+    assert "has no CUDAExecutionProvider" in caplog.text
+    assert "providers in session: CPUExecutionProvider" in m.op_report()
+    with pytest.raises(BackendError, match="CPU fallback is disabled"):
+        load_model(d, backend="onnx", providers=["azure"], strict_ops=True)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        m = load_model(d, backend="onnx", providers=["azure"], strict_ops=False)
+    assert "graph nodes fell back from AzureExecutionProvider to CPUExecutionProvider" in caplog.text
+    assert "CPU fallback: allowed" in m.op_report()
+
+
+def test_failed_export_writes_nothing(tmp_path, monkeypatch):
+    """A failure after files were written (here: in the graph stage) leaves no output."""
+    from converters.onnx import export as ex
+
+    def broken(model, path, opset):
+        path.write_bytes(b"partial")
+        raise GLMError("simulated exporter failure")
+
+    monkeypatch.setattr(ex, "export_graph", broken)
+    cfg = preset("tiny-chatglm2")
+    with pytest.raises(GLMError, match="simulated"):
+        export(cfg, random_state(cfg), tmp_path / "out", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------- CLI + int8
+def test_cli_int8_export(pairs, tmp_path, capsys):
+    """``glmrt export-onnx --int8``: MatMuls become MatMulInteger, the error against the
+    fp32 graph is reported and stays within what dynamic int8 quantisation gives.
+
+    Bounds: measured on this model (weights std 0.2, so perturbations grow through the
+    layers) the mean |difference| is 0.8% of max |logit|, the max 5.6%, top-1 agreement
+    89%; the bounds below leave ~2x margin. A broken quantisation (wrong scale, swapped
+    operands) is off by the order of the logits themselves.
+    """
+    import onnx
+
+    from glm_core.cli.main import main
+
+    p = pairs("tiny-chatglm2")
+    out = tmp_path / "int8"
+    assert main(["export-onnx", str(p.native_dir), str(out), "--int8"]) == 0
+    text = capsys.readouterr().out
+    assert "int8-dynamic" in text and "int8 vs fp32" in text
+    info = layout.read_export(out)
+    assert info.precision == "int8-dynamic"
+    err = json.loads(info.meta["int8_error_vs_fp32"])
+    assert 0 < err["mean_abs"] < 0.02 * err["max_abs_logit"]
+    assert err["max_rel"] < 0.1 and err["top1_agreement"] >= 0.75
+    ops = {n.op_type for n in onnx.load(str(out / layout.GRAPH), load_external_data=False).graph.node}
+    assert "MatMulInteger" in ops
+    fp32_bytes = (p.onnx_dir / layout.DATA).stat().st_size
+    # the untied LM head (4 x vocab x hidden fp32 bytes) shrinks to a quarter
+    assert (out / layout.DATA).stat().st_size < fp32_bytes - 2.5 * p.cfg.vocab_size * p.cfg.hidden_size
+    m = load_model(out, backend="onnx")
+    ids, am = infill_batch(p.cfg)
+    ref, got = p.onnx(ids, am)[am.bool()], m(ids, am)[am.bool()]
+    assert 0 < (got - ref).abs().mean() < 0.02 * ref.abs().max()
+    assert main(["export-onnx", str(p.native_dir), str(out)]) == 2  # exists, no --force
