@@ -139,16 +139,23 @@ def gelu_tanh(x):
 
 
 # ----------------------------------------------------------- quantized linear
-_int4_packs: "weakref.WeakKeyDictionary[torch.Tensor, torch.Tensor]" = weakref.WeakKeyDictionary()
+_int4_packs: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
 def _int4_weight(qweight: torch.Tensor) -> torch.Tensor:
-    """GLM-packed int8 [N, K/2] -> torch-npu int4 pack, transposed to [K/8, N] as the matmul takes it."""
-    packed = _int4_packs.get(qweight)
-    if packed is None:
-        q = unpack_int4(qweight).to(torch.int32).contiguous()  # [N, K], values in [-8, 7]
-        packed = npu().npu_convert_weight_to_int4pack(q)  # [N, K/8] int32
-        _int4_packs[qweight] = packed
+    """GLM-packed int8 [N, K/2] -> torch-npu int4 pack, transposed to [K/8, N] as the matmul takes it.
+
+    Packed once per weight tensor (weights are loaded once and never modified); the entry
+    goes away with the weight.
+    """
+    key = id(qweight)
+    hit = _int4_packs.get(key)
+    if hit is not None and hit[0]() is qweight:
+        return hit[1].transpose(-1, -2)
+    q = unpack_int4(qweight).to(torch.int32).contiguous()  # [N, K], values in [-8, 7]
+    packed = npu().npu_convert_weight_to_int4pack(q)  # [N, K/8] int32
+    _int4_packs[key] = (weakref.ref(qweight), packed)
+    weakref.finalize(qweight, _int4_packs.pop, key, None)
     return packed.transpose(-1, -2)
 
 
