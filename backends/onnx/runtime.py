@@ -189,10 +189,10 @@ class OnnxRunner:
             past = [(cache.k[i][:, :, :start], cache.v[i][:, :, :start]) for i in range(c.num_layers)]
         if mask is None:  # GLMModel's "attend to everything"
             mask = torch.ones(B, 1, T, start + T, dtype=torch.bool)
-        out = self.ops.run(layout.feeds(c, input_ids, position_ids, mask, past))
+        keep = np.array([T - 1]) if last_only else None  # the vocabulary projection only where needed
+        out = self.ops.run(layout.feeds(c, input_ids, position_ids, mask, past, keep))
         if cache is not None:
             for i in range(c.num_layers):
                 k, v = out[1 + 2 * i], out[2 + 2 * i]
                 cache.update(i, torch.from_numpy(k[:, :, start:]), torch.from_numpy(v[:, :, start:]), start)
-        logits = torch.from_numpy(out[0])
-        return logits[:, -1:] if last_only else logits
+        return torch.from_numpy(out[0])

@@ -61,16 +61,27 @@ class ConcatCache:
 
 
 class ExportGraph(torch.nn.Module):
-    """(input_ids, position_ids, attention_mask, past) -> (logits, presents...)."""
+    """(input_ids, position_ids, attention_mask, logits_index, past) -> (logits, presents...).
+
+    The body is :meth:`GLMModel.forward` with one addition: only the positions listed in
+    ``logits_index`` reach the final norm and the vocabulary projection (a generation's
+    prefill needs the last one only; projecting every prompt position costs T x H x V).
+    Every export is compared with ``GLMModel.forward`` itself (:func:`compare_with_torch`),
+    so the two cannot drift apart unnoticed.
+    """
 
     def __init__(self, model: GLMModel):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, position_ids, attention_mask, past):
-        cache = ConcatCache(past)
-        logits = self.model(input_ids, position_ids, attention_mask, cache=cache)
-        return logits, tuple(t for kv in cache.present for t in kv)
+    def forward(self, input_ids, position_ids, attention_mask, logits_index, past):
+        m, cache = self.model, ConcatCache(past)
+        x = m.ops.embedding(input_ids, m.embed.weight)
+        cos, sin = m.rotary(position_ids, x.dtype)
+        for layer in m.layers:
+            x = layer(x, cos, sin, attention_mask, cache, 0)
+        x = m.final_norm(x.index_select(1, logits_index))
+        return m.ops.lm_head(x, m.output_weight), tuple(t for kv in cache.present for t in kv)
 
 
 def reference_model(config: GLMConfig, state: dict[str, torch.Tensor]) -> GLMModel:
@@ -98,7 +109,7 @@ def _example(config: GLMConfig):
     if config.rope == "neox_2d":
         pos = torch.stack((pos, torch.arange(1, T + 1).repeat(B, 1)), 1)
     mask = torch.ones(B, 1, T, P + T, dtype=torch.bool)
-    return ids, pos, mask, empty_past(config, B, P, seed=0)
+    return ids, pos, mask, torch.tensor([1, 2]), empty_past(config, B, P, seed=0)
 
 
 def _dynamic_shapes(config: GLMConfig):
@@ -109,6 +120,7 @@ def _dynamic_shapes(config: GLMConfig):
         "input_ids": {0: b, 1: s},
         "position_ids": {0: b, 2: s} if config.rope == "neox_2d" else {0: b, 1: s},
         "attention_mask": {0: b, 2: s, 3: Dim.AUTO},
+        "logits_index": {0: Dim("keep")},
         "past": tuple(({0: b, 2: p}, {0: b, 2: p}) for _ in range(config.num_layers)),
     }
 
@@ -165,25 +177,27 @@ def sample_prompt(config: GLMConfig, seed: int = 0):
 
 
 def compare_with_torch(model: GLMModel, run, seed: int = 0) -> float:
-    """Max |logits difference| between ``run(ids, pos, mask, past)`` (numpy in, numpy
-    logits and presents out) and ``model`` on a prefill plus one decode step, real
-    positions only."""
+    """Max |logits difference| between ``run(ids, pos, mask, past)`` (the graph: numpy
+    logits of every position and the presents) and ``GLMModel.forward`` on a prefill and
+    one decode step with the cache, real positions only."""
     config = model.config
     ids, pad_mask = sample_prompt(config, seed)
     pos, mask, state = prefill_inputs(config, ids, pad_mask)
-    past = empty_past(config, ids.shape[0])
+    cache = ConcatCache(empty_past(config, ids.shape[0]))
     with torch.inference_mode():
-        ref, ref_present = ExportGraph(model)(ids, pos, mask, past)
-    got, present = run(ids, pos, mask, past)
-    real = pad_mask.bool()
-    err = float(np.abs(got - ref.numpy())[real.numpy()].max())
+        ref = model(ids, pos, mask, cache=cache)
+    got, present = run(ids, pos, mask, cache.past)
+    real = pad_mask.bool().numpy()
+    err = float(np.abs(got - ref.numpy())[real].max())
+    for (k, v), (gk, gv) in zip(cache.present, zip(present[0::2], present[1::2])):
+        err = max(err, float(np.abs(gk - k.numpy()).max()), float(np.abs(gv - v.numpy()).max()))
     nxt = ref[:, -1].argmax(-1, keepdim=True)
     pos1, mask1 = decode_inputs(state)
     mask1 = state.real[:, None, None, :] if mask1 is None else mask1
-    past1 = tuple((ref_present[2 * i], ref_present[2 * i + 1]) for i in range(config.num_layers))
+    cache = ConcatCache(tuple(cache.present))
     with torch.inference_mode():
-        ref1, _ = ExportGraph(model)(nxt, pos1, mask1, past1)
-    got1, _ = run(nxt, pos1, mask1, past1)
+        ref1 = model(nxt, pos1, mask1, cache=cache, start=ids.shape[1])
+    got1, _ = run(nxt, pos1, mask1, cache.past)
     return max(err, float(np.abs(got1 - ref1.numpy()).max()))
 
 

@@ -13,10 +13,11 @@ positions; ``P = 0`` for a prefill)::
     input_ids        int64 [B, T]
     position_ids     int64 [B, T], or [B, 2, T] for 2D RoPE (ChatGLM-6B)
     attention_mask   bool  [B, 1, T, P + T]   True = may attend (built by glm_core.masks)
+    logits_index     int64 [K]   the positions (of the T) whose logits are computed
     past_key.{i}     float [B, kv_heads, P, head_dim]   for each layer i
     past_value.{i}   float [B, kv_heads, P, head_dim]
 
-Outputs: ``logits`` float [B, T, vocab] and ``present_key.{i}`` / ``present_value.{i}``
+Outputs: ``logits`` float [B, K, vocab] and ``present_key.{i}`` / ``present_value.{i}``
 [B, kv_heads, P + T, head_dim] (the past with the new positions appended), the
 convention of transformers' ONNX exports. Masks and positions are inputs, not computed
 in the graph, so every family's blank-infilling rules stay in one place (the host code).
@@ -41,7 +42,7 @@ SPECIAL_TOKENS = ("pad_token_id", "eos_token_ids", "mask_token_id", "gmask_token
 
 
 def input_names(config: GLMConfig) -> list[str]:
-    return ["input_ids", "position_ids", "attention_mask"] + [
+    return ["input_ids", "position_ids", "attention_mask", "logits_index"] + [
         f"past_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
 
 
@@ -49,16 +50,18 @@ def output_names(config: GLMConfig) -> list[str]:
     return ["logits"] + [f"present_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
 
 
-def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past) -> dict:
+def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logits_index=None) -> dict:
     """The session's input dict from torch tensors; ``past`` is one (key, value) pair per
-    layer. onnxruntime needs contiguous arrays of exactly the graph's dtypes."""
+    layer; ``logits_index`` defaults to every position. onnxruntime needs contiguous
+    arrays of exactly the graph's dtypes."""
     import numpy as np
 
     def arr(t, dtype):
         return np.ascontiguousarray(t.numpy() if hasattr(t, "numpy") else t, dtype=dtype)
 
     out = {"input_ids": arr(input_ids, np.int64), "position_ids": arr(position_ids, np.int64),
-           "attention_mask": arr(attention_mask, np.bool_)}
+           "attention_mask": arr(attention_mask, np.bool_),
+           "logits_index": np.arange(input_ids.shape[1]) if logits_index is None else arr(logits_index, np.int64)}
     for i, (k, v) in enumerate(past):
         out[f"past_key.{i}"] = arr(k, np.float32)
         out[f"past_value.{i}"] = arr(v, np.float32)
