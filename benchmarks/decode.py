@@ -135,6 +135,11 @@ def main():
         # a decode step reads every weight once, except the embedding table (one row)
         wbytes = 4 * sum(n for k, n in sizes.items() if "embed_tokens" not in k)
         runners = [HFRunner(d), GLMRunner(d, "cpu")]
+        # the onnx backend: an ONNX export of the same weights (fp32 graph) on onnxruntime's CPU provider
+        from converters.onnx.export import export_checkpoint
+
+        export_checkpoint(d, Path(tmp) / "onnx", progress=False)
+        runners.append(GLMRunner(Path(tmp) / "onnx", "onnx"))
         ids = torch.randint(0, 150000, (1, a.prompt), generator=torch.Generator().manual_seed(0))
         results = {r.name: time_runner(r, ids, a.new, a.repeat) for r in runners}
     roof = bw / wbytes
