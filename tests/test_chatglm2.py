@@ -29,6 +29,8 @@ def _weights(cfg, seed=0):
     for k, v in sd.items():
         if k.endswith("bias"):
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        elif "qkv.weight" in k:  # peaked attention: position and mask errors show in the logits
+            sd[k] = torch.randn(v.shape, generator=g) * 0.3
         elif "norm" in k:
             sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
         elif k == "lm_head.weight":

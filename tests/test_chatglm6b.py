@@ -34,6 +34,8 @@ def _random_weights(cfg, seed=0):
     for k, v in sd.items():  # non-trivial norms and biases, a peaked output head
         if k.endswith("bias"):
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        elif "qkv.weight" in k:  # peaked attention: position and mask errors show in the logits
+            sd[k] = torch.randn(v.shape, generator=g) * 0.3
         elif "norm" in k:
             sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
         elif k == "lm_head.weight":
@@ -173,7 +175,9 @@ def test_config_and_tying(ckpt):
 def test_logits_match_reference_with_left_padding(ckpt):
     d, _ = ckpt
     hfc = chatglm._read_config(d)
-    rows = [[20, 21, MASK, 22, 23, GMASK, SOP], [30, 31, 32, GMASK, SOP], [40, GMASK, SOP, 41, 42]]
+    long = [100 + i for i in range(180)]  # positions up to 180: the fp16-rounded frequencies matter
+    rows = [[20, 21, MASK, 22, 23, GMASK, SOP], [30, 31, 32, GMASK, SOP], [40, GMASK, SOP, 41, 42],
+            long + [MASK, 7, GMASK, SOP, 8, 9]]
     ids, pos, mask = left_pad(rows)
     ref = reference_logits(_files(d), hfc, ids, pos, mask)
     m = load_model(d, backend="cpu")

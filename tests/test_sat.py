@@ -35,6 +35,8 @@ def _weights(cfg, seed=0):
     for k, v in sd.items():
         if k.endswith("bias"):
             sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        elif "qkv.weight" in k:  # peaked attention: position and mask errors show in the logits
+            sd[k] = torch.randn(v.shape, generator=g) * 0.3
         elif "norm" in k:
             sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
         elif k == "embed.weight":
@@ -202,3 +204,23 @@ def test_cli_convert_sat_roundtrip(dirs, tmp_path, capsys):
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert main(["convert", str(root / "tp4"), str(tmp_path / "x")]) == 2  # no --sat-args: one-line error
     assert "sat-args" in capsys.readouterr().err
+
+
+def test_quantized_sat_tp1_loads_and_tp2_is_refused(dirs, tmp_path):
+    from converters import native
+    from converters.quantize import quantize_state
+
+    _, cfg, sd = dirs
+    qc, qs = quantize_state(cfg, sd, 4)
+    sat.write(tmp_path / "q", qc, qs, tp=1)
+    m = read_pickle(tmp_path / "q" / "1" / "mp_rank_00_model_states.pt")["module"]
+    k = "transformer.layers.0.attention.dense"
+    assert m[k + ".weight"].dtype == torch.int8 and m[k + ".weight_scale"].dtype == torch.float16
+    args = TINY_ARGS.replace("--model-parallel-size 4", "--model-parallel-size 1") + \
+        " --quantization-bit-width 4 --from-quantized-checkpoint"
+    native.save(tmp_path / "n", qc, qs)
+    ids = [[100, 101, GMASK, SOP, 102]]
+    assert torch.equal(load_model(tmp_path / "q", backend="cpu", sat_args=args)(ids),
+                       load_model(tmp_path / "n", backend="cpu")(ids))
+    with pytest.raises(CheckpointError, match="TP 1"):
+        sat.write(tmp_path / "q2", qc, qs, tp=2)
