@@ -19,9 +19,13 @@ Family layouts, read from the files and the model config:
   reverses it.
 * role tokens ``<|system|> <|user|> <|assistant|> <|observation|>`` right after ``eop``
   (ChatGLM3: 64794..64797, GLM-4: 151335..151338), and GLM-4's ``<|endoftext|>``.
+* GLM-4-9B's ``tokenizer.model`` is a tiktoken BPE file (:class:`TiktokenModel`); its
+  specials come from the config (151329..).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import re
@@ -56,6 +60,73 @@ def image_tokens(model_file, config: GLMConfig | None) -> int:
     return 0
 
 
+class TiktokenModel:
+    """GLM-4-9B's ``tokenizer.model``: lines ``<base64 token bytes> <rank>``, a byte-level BPE
+    over a GPT-4-style pre-tokenizer split; ids are the ranks. It offers the few
+    sentencepiece methods :class:`Tokenizer` uses, so the id layout code is shared."""
+
+    PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+    def __init__(self, ranks: dict[bytes, int]):
+        import regex
+
+        self.ranks = ranks
+        self.by_id = {v: k for k, v in ranks.items()}
+        self.split = regex.compile(self.PATTERN)
+
+    @classmethod
+    def load(cls, path) -> "TiktokenModel | None":
+        ranks = {}
+        try:
+            with open(path, "rb") as f:
+                for line in f:
+                    if line.strip():
+                        tok, rank = line.split()
+                        ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except (ValueError, OSError, binascii.Error):
+            return None
+        return cls(ranks) if ranks else None
+
+    def _bpe(self, b: bytes) -> list[int]:
+        parts = [b[i:i + 1] for i in range(len(b))]
+        while len(parts) > 1:  # merge the adjacent pair of lowest rank, leftmost first
+            best = None
+            for i in range(len(parts) - 1):
+                r = self.ranks.get(parts[i] + parts[i + 1])
+                if r is not None and (best is None or r < best[0]):
+                    best = (r, i)
+            if best is None:
+                break
+            i = best[1]
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        return [self.ranks[p] for p in parts]
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self.split.findall(text):
+            b = piece.encode("utf-8")
+            ids.extend([self.ranks[b]] if b in self.ranks else self._bpe(b))
+        return ids
+
+    def decode(self, ids) -> str:
+        return b"".join(self.by_id[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+    def get_piece_size(self) -> int:
+        return len(self.ranks)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.by_id[int(i)].decode("utf-8", errors="replace")
+
+    def piece_to_id(self, piece: str) -> int:
+        return self.ranks.get(piece.encode("utf-8"), -1)
+
+    def unk_id(self) -> int:
+        return -1
+
+    eos_id = pad_id = unk_id
+
+
 class Tokenizer:
     def __init__(self, model_file: str | os.PathLike, config: GLMConfig | None = None):
         import sentencepiece as spm
@@ -65,7 +136,9 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError) as e:
-            raise GLMError(f"not a sentencepiece model: {e}", model_file) from None
+            self.sp = TiktokenModel.load(model_file)  # GLM-4-9B ships a tiktoken BPE file
+            if self.sp is None:
+                raise GLMError(f"neither a sentencepiece model nor a tiktoken BPE file: {e}", model_file) from None
         n = self.sp.get_piece_size()
         self.offset = image_tokens(model_file, config)
         self.ice = self.sp.piece_to_id("<n>") != self.sp.unk_id()  # icetk pre-processing

@@ -100,3 +100,22 @@ def test_chatglm3_and_glm4_role_tokens(sp_model):
     g4 = Tokenizer(sp_model, preset("tiny-glm-4"))
     assert g4.encode("[gMASK]<sop><|system|><|user|><|assistant|><|observation|><|endoftext|>") == \
         [151331, 151333, 151335, 151336, 151337, 151338, 151329]
+
+
+def test_glm4_tiktoken_file(tmp_path):
+    """GLM-4-9B's tokenizer.model format (base64 token, rank); merges computed by hand."""
+    import base64
+
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks.update({b"he": 256, b"ll": 257, b"hell": 258, b" w": 259})
+    f = tmp_path / "tokenizer.model"
+    f.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    tok = Tokenizer(f, preset("tiny-glm-4"))
+    # "hello": h e l l o -> he l l o -> he ll o -> hell o;  " world": " w" o r l d
+    assert tok.encode_text("hello world") == [258, 111, 259, 111, 114, 108, 100]
+    ids = tok.encode("[gMASK]<sop><|user|>\nhello")
+    assert ids == [151331, 151333, 151336, 10, 258, 111]
+    assert tok.decode(ids) == "\nhello" and tok.decode(tok.encode("héllo, 世界")) == "héllo, 世界"
+    (tmp_path / "junk.model").write_bytes(b"\x00\x01not a model")
+    with pytest.raises(Exception, match="neither a sentencepiece model nor a tiktoken"):
+        Tokenizer(tmp_path / "junk.model")
