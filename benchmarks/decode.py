@@ -3,7 +3,8 @@
 A random-weight GLM-4-architecture checkpoint of ~98M parameters (transformers' ``glm``:
 vocab 151552, hidden 256, 20 layers, 4 query heads / 2 KV groups, head_dim 64, FFN 1024)
 is saved by transformers, then both runtimes load the same directory and run the same
-greedy work, alternating, on the same threads. Reported:
+greedy work, alternating, on the same threads; glm-runtime also runs the same weights
+with its linears quantized to INT8 and INT4 (weight-only, GLM-130B scheme). Reported:
 
 * prefill tokens/s (one prompt of --prompt tokens) and decode tokens/s (--new tokens
   after it, batch 1), median over --repeat runs;
@@ -135,6 +136,17 @@ def main():
         # a decode step reads every weight once, except the embedding table (one row)
         wbytes = 4 * sum(n for k, n in sizes.items() if "embed_tokens" not in k)
         runners = [HFRunner(d), GLMRunner(d, "cpu")]
+        # weight-only INT8 / INT4 (GLM-130B scheme) of the same weights, on the cpu low-bit kernels
+        from converters import hf, native
+        from converters.quantize import quantize_state
+
+        wbytes_of = {}
+        for bits in (8, 4):
+            qc, qs = quantize_state(*hf.read(d), bits)
+            native.save(Path(tmp) / f"int{bits}", qc, qs)
+            runners.append(GLMRunner(Path(tmp) / f"int{bits}", "cpu", f"glm-runtime[cpu] INT{bits}"))
+            wbytes_of[runners[-1].name] = sum(t.numel() * t.element_size() for k, t in qs.items()
+                                              if k != "embed.weight")
         # the onnx backend: an ONNX export of the same weights (fp32 graph) on onnxruntime's CPU provider
         from converters.onnx.export import export_checkpoint
 
@@ -148,9 +160,9 @@ def main():
           f"prompt {a.prompt}, decode {a.new} tokens, batch 1, median of {a.repeat}")
     print(f"memory bandwidth (streaming read): {bw / 1e9:.1f} GB/s; weights read per decode step "
           f"{wbytes / 1e6:.0f} MB -> roofline {roof:.1f} tokens/s")
-    print(f"{'runtime':<28}{'prefill tok/s':>15}{'decode tok/s':>14}{'% roofline':>12}")
-    for name, (p, dd) in results.items():
-        print(f"{name:<28}{p:>15.1f}{dd:>14.2f}{100 * dd / roof:>11.1f}%")
+    print(f"{'runtime':<32}{'prefill tok/s':>15}{'decode tok/s':>14}{'% roofline':>12}")
+    for name, (p, dd) in results.items():  # quantized runners: roofline of their own (smaller) weights
+        print(f"{name:<32}{p:>15.1f}{dd:>14.2f}{100 * dd * wbytes_of.get(name, wbytes) / bw:>11.1f}%")
     ref_p, ref_d = results["transformers"]
     for name, (p, dd) in results.items():
         if name != "transformers":

@@ -135,3 +135,16 @@ def test_quantize_twice_is_an_error(tmp_path, capsys):
     assert main(["quantize", str(tmp_path / "q"), str(tmp_path / "qq"), "--bits", "4"]) == 2
     assert "already quantized" in capsys.readouterr().err
     assert not (tmp_path / "qq").exists()
+
+
+def test_prequantized_chatglm6b_int8_roundtrip(tmp_path):
+    cfg = preset("tiny-chatglm-6b", rope_fp16=True, num_layers=1)
+    qc, qs = quantize_state(cfg, random_state(cfg, seed=3), 8)
+    chatglm.write(tmp_path / "int8", qc, qs)
+    from converters.tensor_io import read_state_dict
+
+    files = read_state_dict(tmp_path / "int8")
+    assert files["transformer.layers.0.mlp.dense_4h_to_h.weight"].dtype == torch.int8
+    assert files["transformer.layers.0.mlp.dense_4h_to_h.bias"].dtype == torch.float32  # biases stay float
+    c, back = chatglm.read(tmp_path / "int8")
+    assert c.quantization_bits == 8 and set(back) == set(qs) and all(torch.equal(back[x], qs[x]) for x in qs)
