@@ -38,11 +38,11 @@ from glm_core.errors import CheckpointError
 from glm_core.presets import PRESETS
 
 from .native import atomic_dir
+from .quantize import LINEARS as QUANT_LINEARS
 from .tensor_io import read_state_dict
 
 log = logging.getLogger("converters.chatglm")
 
-QUANT_LINEARS = ("attn.qkv", "attn.dense", "mlp.fc1", "mlp.fc2")
 _AUTO_MAP_V1 = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                 "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
@@ -119,9 +119,9 @@ def _config_v1(hf: dict, source) -> GLMConfig:
 
 
 def _v2_family(hf: dict, vocab: int) -> str:
-    if vocab >= 151552 or str(hf.get("_name_or_path", "")).lower().find("glm-4") >= 0:
-        return "glm-4-9b"
     name = str(hf.get("_name_or_path", "")).lower()
+    if vocab >= 151552 or "glm-4" in name:
+        return "glm-4-9b"
     eos = hf.get("eos_token_id")
     if "chatglm3" in name or (isinstance(eos, list) and 64795 in eos):
         return "chatglm3-6b"
