@@ -53,8 +53,7 @@ def _prepare(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
             sz = torch.zeros(k // group, n, 2, dtype=torch.float32)
             sz[..., 0] = s
             prepared = ("int4", packed, group, sz)
-    with torch.inference_mode(False):
-        setattr(qweight, _CACHE_ATTR, (key, prepared))
+    setattr(qweight, _CACHE_ATTR, (key, prepared))
     return prepared
 
 
