@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from backends.triton.gpu_runtime import Check, TorchGPUBackend, read_first_line
-from glm_core.registry import hookimpl
+from backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
+from glm_core.registry import Check, hookimpl
 
 
 class CUDABackend(TorchGPUBackend):

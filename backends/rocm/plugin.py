@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from backends.triton.gpu_runtime import Check, TorchGPUBackend, read_first_line
-from glm_core.registry import hookimpl
+from backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
+from glm_core.registry import Check, hookimpl
 
 # Hygon DCU architectures as DTK reports them (gcnArchName), with bf16 matrix support.
 # gfx906 is also AMD's Vega 20 (MI50/MI60): no bf16 dot instructions (they came with

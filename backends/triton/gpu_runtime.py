@@ -178,8 +178,7 @@ class TorchGPUBackend(Backend):
         from backends.triton.ops import triton_kernels
         from backends.triton.tuning import lookup
 
-        dtypes = FLOATS
-        ks.update(triton_kernels(lookup(self.platform, self.tuning_arch()), dtypes))
+        ks.update(triton_kernels(lookup(self.platform, self.tuning_arch()), FLOATS))
         return ks
 
     # -------------------------------------------------------------- doctor

@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 from .common import add_backend_args
 

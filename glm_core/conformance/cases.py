@@ -142,7 +142,8 @@ CASES: list[Case] = [
 ]
 
 
-def _out_dtype(op: str, args: tuple, dtype: torch.dtype) -> torch.dtype:
+def _out_dtype(op: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the contract's op returns for inputs of ``dtype`` (the loss is always fp32)."""
     return torch.float32 if op == "cross_entropy" else dtype
 
 
@@ -171,7 +172,7 @@ def check(fn: Callable, case: Case, dtype: torch.dtype, device="cpu", seed: int 
         out = fn(*dev_args, **kwargs)
     except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported with its cause
         return CheckResult(case.id, dtype, False, f"raised {type(e).__name__}: {e}")
-    want = _out_dtype(case.op, dev_args, dtype)
+    want = _out_dtype(case.op, dtype)
     if not isinstance(out, torch.Tensor):
         return CheckResult(case.id, dtype, False, f"returned {type(out).__name__}, not a tensor")
     if out.dtype != want or tuple(out.shape) != tuple(ref.shape):
