@@ -30,8 +30,13 @@ def run(args) -> int:
         caps = b.capabilities() if d.available else None
         aliases = f" (aliases: {', '.join(b.aliases)})" if b.aliases else ""
         print(f"    device {b.device_type}{aliases}, distributed backend {b.dist_backend}")
+        if b.visible_devices_env or b.forward_env_prefixes:
+            fwd = ", ".join(p + "*" for p in b.forward_env_prefixes) or "-"
+            print(f"    visible-devices variable {b.visible_devices_env or '-'}; launcher forwards {fwd}")
         if caps is not None:
-            print(f"    arch {caps.arch or '-'}, compute dtypes {', '.join(_dt(x) for x in caps.compute_dtypes)}")
+            extra = (f", warp {caps.warp_size}" if caps.warp_size else "") + (
+                f", tuning {caps.extra['tuning']}" if "tuning" in caps.extra else "")
+            print(f"    arch {caps.arch or '-'}, compute dtypes {', '.join(_dt(x) for x in caps.compute_dtypes)}{extra}")
         if args.ops:
             kernels = {**b.kernels(), **extra_kernels(b.name)}
             for op in OPS:
