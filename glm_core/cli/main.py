@@ -22,6 +22,8 @@ COMMANDS = [
     "glm_core.cli.quantize",
     "glm_core.cli.backends",
     "glm_core.cli.doctor",
+    "glm_core.cli.train",
+    "glm_core.cli.plot",
     "glm_core.cli.export_onnx",
     "glm_core.cli.launch",
 ]

@@ -1,0 +1,47 @@
+"""Run monitoring: one JSON line per step (and per evaluation) plus a console progress bar.
+
+Per step: loss, total gradient norm, the embedding layer's gradient norm on its own (the
+early warning of a loss spike in GLM-130B's training), loss scale, learning rate, batch
+size, tokens and tokens/s, and whether the step was skipped for an overflow. The log of a
+resumed run is cut back to the checkpoint's step first, so the file always holds one
+uninterrupted curve.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+LOG = "train.jsonl"
+
+
+class RunLog:
+    def __init__(self, run_dir: str | os.PathLike, resume_step: int):
+        self.path = Path(run_dir) / LOG
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_log(self.path) if r["step"] <= resume_step] if resume_step else []
+        tmp = self.path.with_name(LOG + ".part")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self._f = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Records of a run log; a torn last line (process killed mid-write) is ignored."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
