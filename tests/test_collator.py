@@ -215,7 +215,7 @@ def test_heldout_split_is_stable_and_disjoint(tmp_path):
     assert idx["splits"]["heldout"]["documents"] == len(he)
     s = TokenStream.open(out, "train")
     assert len(s) == sum(len(tok.sp.encode(d)) + 1 for d in tr)
-    first = s.take(0, 200).tolist()
+    first = s.take(0, 20000).tolist()
     first_doc = first[:first.index(s.eod_id)]
     assert tok.sp.encode(tok.sp.decode(first_doc)) == first_doc and tok.sp.decode(first_doc) in tr
 
