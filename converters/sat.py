@@ -308,4 +308,6 @@ def sat_args_for(c: GLMConfig, tp: int) -> str:
          f"--layernorm-order post --layernorm-epsilon {c.norm_eps}")
     if c.head_dim * c.num_heads != c.hidden_size:
         s += f" --hidden-size-per-attention-head {c.head_dim}"
+    if c.quantization_bits:
+        s += f" --quantization-bit-width {c.quantization_bits} --from-quantized-checkpoint"
     return s

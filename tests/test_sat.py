@@ -216,8 +216,8 @@ def test_quantized_sat_tp1_loads_and_tp2_is_refused(dirs, tmp_path):
     m = read_pickle(tmp_path / "q" / "1" / "mp_rank_00_model_states.pt")["module"]
     k = "transformer.layers.0.attention.dense"
     assert m[k + ".weight"].dtype == torch.int8 and m[k + ".weight_scale"].dtype == torch.float16
-    args = TINY_ARGS.replace("--model-parallel-size 4", "--model-parallel-size 1") + \
-        " --quantization-bit-width 4 --from-quantized-checkpoint"
+    args = sat.sat_args_for(qc, 1)
+    assert "--quantization-bit-width 4 --from-quantized-checkpoint" in args
     native.save(tmp_path / "n", qc, qs)
     ids = [[100, 101, GMASK, SOP, 102]]
     assert torch.equal(load_model(tmp_path / "q", backend="cpu", sat_args=args)(ids),
