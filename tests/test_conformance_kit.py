@@ -64,6 +64,17 @@ def test_kit_fails_python_level_plants():
     assert not any(r.ok for c, r in res.items() if c.startswith("attention")), res
     assert "out of tolerance" in res["rotary-interleaved-full"].detail
 
+    # the model-level check catches the rotary plant too (ChatGLM2 uses interleaved pairs)
+    from backends.cpu.plugin import CPUBackend
+    from glm_core.conformance.model_check import compare
+    from glm_core.conformance.target import Target
+
+    cpu = CPUBackend()
+    target = Target(cpu, {**cpu.kernels(), "rotary": planted["rotary"]}, torch.device("cpu"), (torch.float32,), True)
+    r = compare(target, "tiny-chatglm2", torch.float32, new_tokens=2)
+    assert not r.ok and "logits differ" in r.detail
+    assert compare(target, "tiny-glm-130b", torch.float32, new_tokens=2).ok  # neox models are unaffected
+
 
 PLANTED = '''
 """A GPU backend whose Triton kernels carry planted bugs (run with TRITON_INTERPRET=1)."""
