@@ -35,9 +35,10 @@ def topology(tp: int = 1, pp: int = 1, dp: int | None = None, backend=None) -> T
     return _topologies[key]
 
 
-def parallelize(model, topo: Topology, ends_lighter: bool = False) -> ParallelModel:
-    """This rank's TP/PP part of a built :class:`GLMModel` (the model's blocks are reused)."""
-    return ParallelModel(model, topo, ends_lighter)
+def parallelize(model, topo: Topology, ends_lighter: bool = False, backend: Backend | None = None) -> ParallelModel:
+    """This rank's TP/PP part of a built :class:`GLMModel` (the model's blocks are reused;
+    ``backend`` lays the shards out as its kernels want)."""
+    return ParallelModel(model, topo, ends_lighter, backend)
 
 
 class ParallelGLM(GLM):
@@ -81,5 +82,5 @@ def load_parallel(path, backend=None, tp: int = 1, pp: int = 1, dp: int | None =
     ctx = bootstrap.current()
     _, config, state, tok = load_checkpoint(path, progress=progress and topo.rank == 0)
     model = build_model(config, state, b, strict_ops, local_rank=ctx.info.local_rank)
-    pm = ParallelModel(model, topo, ends_lighter).eval()
+    pm = ParallelModel(model, topo, ends_lighter, b).eval()
     return ParallelGLM(pm, b, None if tok is None else str(tok), source=os.fspath(path))

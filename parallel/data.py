@@ -26,4 +26,7 @@ def wrap_fsdp(module: nn.Module, topo) -> nn.Module:
 
     if topo.dp == 1:
         return module
+    for p in module.parameters():  # FSDP2 shards flat storage: backend layouts are given up
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
     return fully_shard(module, mesh=topo.mesh["dp"])

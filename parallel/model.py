@@ -36,7 +36,7 @@ class _EmptyEmbed(nn.Module):
 
 
 class ParallelModel(nn.Module):
-    def __init__(self, model: GLMModel, topo: Topology, ends_lighter: bool = False):
+    def __init__(self, model: GLMModel, topo: Topology, ends_lighter: bool = False, backend=None):
         super().__init__()
         c = model.config
         self.global_config, self.topo, self.ops = c, topo, model.ops
@@ -44,6 +44,7 @@ class ParallelModel(nn.Module):
         group = topo.tp_group if tp > 1 else None
         self.tp_group = group
         tpar.check_divisible(c, tp)
+        prepare = backend.prepare_parameter if backend is not None else (lambda name, t: t)
         # generation sizes its KV cache from .config: the per-rank heads
         self.config = tpar.local_config(c, tp)
         self.bounds = partition_layers(c.num_layers, topo.pp, ends_lighter)
@@ -61,7 +62,7 @@ class ParallelModel(nn.Module):
         for i in self.layer_ids:
             block = model.layers[i]
             if tp > 1:
-                tpar.parallelize_block(block, f"layers.{i}", c, tp, r, group)
+                tpar.parallelize_block(block, f"layers.{i}", c, tp, r, group, prepare)
             self.layers[str(i)] = block
         if self.last:
             self.final_norm = model.final_norm
@@ -70,7 +71,8 @@ class ParallelModel(nn.Module):
             else:
                 key = "embed.weight" if c.tie_word_embeddings else "lm_head.weight"
                 src = w if c.tie_word_embeddings else model.lm_head.weight
-                head_w = nn.Parameter(tpar.shard(key, src.data, c, tp, r), requires_grad=False)
+                head_w = nn.Parameter(prepare("lm_head.weight", tpar.shard(key, src.data, c, tp, r)),
+                                      requires_grad=False)
             self.head = tpar.VocabParallelHead(model.ops, head_w, self.vocab_start, c.vocab_size, group)
         self.rotary = model.rotary
 
@@ -146,13 +148,19 @@ class ParallelModel(nn.Module):
                     continue
                 key = "lm_head.weight"
             t = p.grad if grads else p.data
-            yield key, (torch.zeros_like(p) if t is None else t.detach())
+            if t is None:
+                t = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+            if hasattr(t, "full_tensor"):  # sharded by FSDP2 over DP: a collective of the DP group
+                t = t.full_tensor()
+            yield key, t.detach()
 
     def gather_full(self, grads: bool = False, dst: int = 0) -> dict[str, torch.Tensor] | None:
         """Full (unsharded) parameters or gradients of the whole model on rank ``dst``
         (gathered from the first data-parallel replica)."""
         t, c = self.topo, self.global_config
-        mine = dict(self.native_items(grads)) if t.dp_rank == 0 else {}
+        mine = dict(self.native_items(grads))  # every rank: FSDP2 unsharding is collective
+        if t.dp_rank != 0:
+            mine = {}
         everything = [None] * t.world_size if t.rank == dst else None
         dist.gather_object((t.tp_rank, mine), everything, dst=dst)
         if t.rank != dst:

@@ -347,15 +347,19 @@ def _tensors(mod: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def parallelize_block(block: Block, prefix: str, config: GLMConfig, tp: int, r: int, group) -> None:
-    """Replace the four linears of one layer by their TP versions, in place."""
+def parallelize_block(block: Block, prefix: str, config: GLMConfig, tp: int, r: int, group,
+                      prepare=None) -> None:
+    """Replace the four linears of one layer by their TP versions, in place. ``prepare``
+    (the backend's ``prepare_parameter``) gives each shard the backend's memory layout."""
     check_divisible(config, tp)
+    prepare = prepare or (lambda name, t: t)
     for path, kind in (("attn.qkv", "column"), ("attn.dense", "row"), ("mlp.fc1", "column"),
                        ("mlp.fc2", "row")):
         parent_name, child = path.split(".")
         parent = getattr(block, parent_name)
         base = getattr(parent, child)
-        parts = {n: None if t is None else shard(f"{prefix}.{path}.{n}", t, config, tp, r)
+        parts = {n: None if t is None else prepare(f"{prefix}.{path}.{n}",
+                                                    shard(f"{prefix}.{path}.{n}", t, config, tp, r))
                  for n, t in _tensors(base).items()}
         setattr(parent, child, ParallelLinear(base, kind, group, parts))
     block.attn.config = local_config(config, tp)

@@ -35,7 +35,7 @@ from glm_core.presets import preset  # noqa: E402
 from glm_core.registry import get_backend  # noqa: E402
 from parallel import bootstrap  # noqa: E402
 from parallel.api import parallelize, topology  # noqa: E402
-from parallel.data import wrap_ddp  # noqa: E402
+from parallel.data import wrap_ddp, wrap_fsdp  # noqa: E402
 from parallel.pipeline import PipelineTrainer  # noqa: E402
 
 LOGIT_TOL = (2e-5, 1e-4)
@@ -81,10 +81,11 @@ def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
     ref = build_model(cfg, state, backend)
     ids, att, targets = batch(cfg)
     pos, mask, _ = prefill_inputs(cfg, ids, att)
-    res = {"config": name, "tp": tp, "pp": pp, "dp": dp, "schedule": schedule if pp > 1 else None}
+    res = {"config": name, "tp": tp, "pp": pp, "dp": dp, "schedule": schedule if pp > 1 else None,
+           "data_parallel": ("fsdp2" if schedule == "fsdp" else "ddp") if dp > 1 else None}
 
     # ---- forward logits
-    pm = parallelize(build_model(cfg, state, backend), topo, ends_lighter=ends_lighter)
+    pm = parallelize(build_model(cfg, state, backend), topo, ends_lighter=ends_lighter, backend=backend)
     with torch.inference_mode():
         want = ref(ids, pos, mask)
         got = pm(ids, pos, mask)
@@ -109,7 +110,7 @@ def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
     rows = slice(topo.dp_rank * len(ids) // dp, (topo.dp_rank + 1) * len(ids) // dp)
     b_ids, b_tg, b_pos, b_mask = ids[rows], targets[rows], pos[rows], mask[rows]
     if pp == 1:
-        net = wrap_ddp(pm, topo)
+        net = wrap_fsdp(pm, topo) if schedule == "fsdp" else wrap_ddp(pm, topo)
         loss = pm.loss(net(b_ids, b_pos, b_mask, gather=False), b_tg)
         loss.backward()
         pm.finalize_grads()
@@ -181,7 +182,8 @@ def check_load_model(backend, tp, pp, workdir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layouts", required=True, help="tp,pp,dp[:schedule];... for this world size")
+    ap.add_argument("--layouts", required=True,
+                    help="tp,pp,dp[:1f1b|gpipe|fsdp];... for this world size (fsdp: FSDP2 instead of DDP, pp=1)")
     ap.add_argument("--configs", default="chatglm2,glm-130b")
     ap.add_argument("--load-model", default="", help="tp,pp: also check load_model(path, tp=, pp=)")
     ap.add_argument("--workdir", default=".", help="where rank 0 writes the checkpoint for --load-model")

@@ -64,10 +64,12 @@ def test_grid_2_ranks_via_glmrt_launch_mpirun(mpiexec, tmp_path):
 
 
 def test_grid_4_ranks(mpiexec, tmp_path):
-    """(4,1,1): 2 KV groups on 4 TP ranks (replicated); (2,2,1); (2,1,2); load_model(tp=2, pp=2)."""
+    """(4,1,1): 2 KV groups on 4 TP ranks (replicated); (2,2,1); (2,1,2) with DDP and with
+    FSDP2; load_model(tp=2, pp=2)."""
     p, res = _run([mpiexec, "-n", "4", sys.executable, HERE / "mpi_worker.py",
-                   "--layouts", "4,1,1;2,2,1;2,1,2", "--load-model", "2,2", "--workdir", tmp_path])
-    _check(p, res, 3 * 2 + 1)
+                   "--layouts", "4,1,1;2,2,1;2,1,2;2,1,2:fsdp", "--load-model", "2,2", "--workdir", tmp_path])
+    _check(p, res, 4 * 2 + 1)
+    assert {r.get("data_parallel") for r in res if r.get("dp") == 2} == {"ddp", "fsdp2"}
 
 
 def test_grid_8_ranks(mpiexec):
