@@ -88,7 +88,7 @@ def compare(target: Target, family: str, dtype: torch.dtype, bits: int | None = 
     state = _cast(_state(config, bits), dtype)
     cpu = discover()["cpu"].backend
     ref_model = GLM(build_model(config, state, cpu, strict_ops=False), cpu)
-    view = DeviceView(target.backend, target.device, dtype)
+    view = DeviceView(target.backend, target.device, dtype, target.kernels)
     model = GLM(build_model(config, {k: v.clone() for k, v in state.items()}, view, strict_ops=strict), view)
 
     ids, am = _prompt(config)
@@ -101,8 +101,8 @@ def compare(target: Target, family: str, dtype: torch.dtype, bits: int | None = 
     ref_logits = ref_model(ref_out, full_am)
     logits = model(ref_out, full_am).cpu()
     real = full_am.bool()
-    err = (logits - ref_logits).abs()[real]
-    bound = (atol + rtol * ref_logits.abs())[real]
+    err = (logits - ref_logits).abs()[real].flatten()
+    bound = (atol + rtol * ref_logits.abs())[real].flatten()
     if not bool((err <= bound).all()):
         worst = int((err / bound).argmax())
         return ModelResult(False, f"{family} {dtype}: logits differ by up to {float(err.max()):.4g} "

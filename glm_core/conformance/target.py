@@ -30,8 +30,8 @@ class Target:
 class DeviceView(Backend):
     """The target backend as the model builder sees it: fixed device and compute dtype."""
 
-    def __init__(self, inner: Backend, device: torch.device, dtype: torch.dtype):
-        self.inner, self._device, self._dtype = inner, device, dtype
+    def __init__(self, inner: Backend, device: torch.device, dtype: torch.dtype, kernels: dict[str, Kernel]):
+        self.inner, self._device, self._dtype, self._kernels = inner, device, dtype, kernels
         self.name = inner.name
         self.device_type = device.type
         self.dist_backend = inner.dist_backend
@@ -40,7 +40,7 @@ class DeviceView(Backend):
         return self.inner.probe()
 
     def kernels(self):
-        return self.inner.kernels()
+        return dict(self._kernels)  # exactly the kernels under test
 
     def compute_dtype(self, storage_dtype):
         return self._dtype
