@@ -203,7 +203,29 @@ class TorchGPUBackend(Backend):
                 x = torch.ones(64, 64, device=self.device(), dtype=torch.float16)
                 ok = bool((x @ x).eq(64).all())
                 checks.append(Check("fp16 matmul smoke", ok, "64x64 ones"))
+                if tv is not None:
+                    checks.append(self.triton_smoke(caps.extra["tuning"]))
         return checks
+
+    def triton_smoke(self, tuning: str) -> Check:
+        """Compile and run one Triton kernel on the device, compared with the reference."""
+        from glm_core.ops.contract import tolerance
+
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(8, 512, generator=g), torch.rand(512, generator=g) + 0.5
+        try:
+            dev = self.device()
+            y = self.kernels()["rms_norm"].fn(x.to(dev, torch.float16), w.to(dev, torch.float16), 1e-5)
+        except Exception as e:  # noqa: BLE001 - the failure is the finding
+            msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            if "unsupported target" in str(e):
+                msg += ("; this Triton build does not know the device's arch (upstream Triton lacks Hygon's "
+                        "gfx926/gfx928: install the Triton that ships with DTK)")
+            return Check("Triton kernel smoke", False, msg)
+        ref = reference.rms_norm(x.half().float(), w.half().float(), 1e-5)
+        atol, rtol = tolerance(torch.float16)
+        ok = bool(((y.float().cpu() - ref).abs() <= atol + rtol * ref.abs()).all())
+        return Check("Triton kernel smoke", ok, f"fused RMSNorm compiled and run, tuning {tuning}")
 
     def driver_checks(self) -> list[Check]:
         return []
