@@ -48,6 +48,8 @@ def main():
     with bootstrap.fail_fast("pipeline bubble benchmark"):
         for schedule in ("1f1b", "gpipe"):
             for m in (int(x) for x in args.microbatches.split(",")):
+                if schedule == "1f1b" and m < p:  # 1F1B needs a micro-batch per stage in flight
+                    continue
                 pm = parallelize(build_model(cfg, state, backend), topo, backend=backend)
                 pm.requires_grad_(True)
                 trainer = PipelineTrainer(pm, microbatches=m, schedule=schedule)
@@ -82,9 +84,10 @@ def plot(rows, path: Path) -> None:
     p = rows[0]["stages"]
     ax.plot(ms, [(p - 1) / (m + p - 1) for m in ms], "k--", label="(p-1)/(m+p-1)")
     for schedule, style in (("1f1b", "-o"), ("gpipe", "-s")):
+        xs = [m for m in ms if any(r["schedule"] == schedule and r["microbatches"] == m for r in rows)]
         means = [sum(r["bubble"] for r in rows if r["schedule"] == schedule and r["microbatches"] == m) / p
-                 for m in ms]
-        ax.plot(ms, means, style, label=f"measured {schedule} (mean over stages)")
+                 for m in xs]
+        ax.plot(xs, means, style, label=f"measured {schedule} (mean over stages)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("micro-batches m")
     ax.set_ylabel("bubble fraction")
