@@ -140,6 +140,11 @@ class OnnxSession:
                                       if e.get("cat") == "Node" and "provider" in e.get("args", {}))
         return self._placement
 
+    def _fallback_policy(self) -> str:
+        if self.providers[0] == CPU:
+            return "n/a (CPU preferred)"
+        return "disabled (strict)" if self.no_cpu_fallback else "allowed"
+
     def format_report(self) -> str:
         """What runs where: shown by ``GLM.op_report()`` / ``glmrt generate --ops``."""
         import onnxruntime as ort
@@ -149,7 +154,7 @@ class OnnxSession:
                  f"family {i.config.family})",
                  f"  providers requested: {', '.join(self.requested)}",
                  f"  providers in session: {', '.join(self.in_session)}",
-                 f"  CPU fallback: {'disabled (strict)' if self.no_cpu_fallback else 'allowed' if self.providers[0] != CPU else 'n/a (CPU preferred)'}",
+                 f"  CPU fallback: {self._fallback_policy()}",
                  "  nodes executed per provider (profiled run):"]
         by_provider: dict[str, Counter] = {}
         for (p, op), n in self.placement().items():

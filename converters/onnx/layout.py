@@ -155,10 +155,10 @@ def _check_signature(proto, config: GLMConfig, graph: Path) -> None:
     outputs = {v.name: _dims(v) for v in proto.graph.output}
     want_in, want_out = input_names(config), output_names(config)
     if sorted(inputs) != sorted(want_in):
-        missing = sorted(set(want_in) - set(inputs)) or sorted(set(inputs) - set(want_in))
+        missing, extra = sorted(set(want_in) - set(inputs)), sorted(set(inputs) - set(want_in))
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         raise CheckpointError(f"graph inputs do not match its {config.family} config "
-                              f"({config.num_layers} layers): {'missing' if set(want_in) - set(inputs) else 'unexpected'}"
-                              f" {missing[0]}", graph)
+                              f"({config.num_layers} layers): {what}", graph)
     if sorted(outputs) != sorted(want_out):
         raise CheckpointError(f"graph outputs do not match its config (expected {', '.join(want_out[:3])}, ...)",
                               graph)
@@ -175,7 +175,8 @@ def _check_signature(proto, config: GLMConfig, graph: Path) -> None:
                               f"is {config.vocab_size}", graph)
 
 
-def _tensors(proto):
+def tensors(proto):
+    """Every tensor stored in the graph: initializers and node attributes."""
     yield from proto.graph.initializer
     for node in proto.graph.node:
         for a in node.attribute:
@@ -189,7 +190,7 @@ def _check_external_data(proto, directory: Path, graph: Path) -> None:
     from onnx import TensorProto
 
     need: dict[str, int] = {}
-    for t in _tensors(proto):
+    for t in tensors(proto):
         if t.data_location != TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in t.external_data}

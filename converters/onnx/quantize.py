@@ -50,7 +50,7 @@ def _relocate(graph: Path, old: str, new: str) -> None:
     import onnx
 
     proto = onnx.load(str(graph), load_external_data=False)
-    for t in layout._tensors(proto):
+    for t in layout.tensors(proto):
         for e in t.external_data:
             if e.key == "location" and e.value == old:
                 e.value = new

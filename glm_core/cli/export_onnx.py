@@ -4,7 +4,7 @@ from __future__ import annotations
 NAME = "export-onnx"
 HELP = ("export a checkpoint to ONNX (one graph for prefill and decode, KV cache as inputs/outputs), "
         "checked against PyTorch; optionally int8")
-EXAMPLE = "glmrt export-onnx ./chatglm2-native ./chatglm2-onnx --int8   # then: glmrt generate ./chatglm2-onnx --backend onnx"
+EXAMPLE = "glmrt export-onnx ./chatglm2-native ./chatglm2-onnx   # then: glmrt generate ./chatglm2-onnx --backend onnx"
 
 
 def add_arguments(p):
