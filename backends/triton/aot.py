@@ -121,7 +121,8 @@ def kernel_specs(t: Tuning, dt: str):
           "BLOCK_N": t.matmul_decode.block_n, "BLOCK_K": t.matmul_decode.block_k},
          dict(num_warps=t.matmul_decode.num_warps, num_stages=t.matmul_decode.num_stages)),
         ("attention", attention._attn_kernel,
-         _signature(attention._attn_kernel, dict(Q=p, K=p, V=p, Mask="*u8", O=p), ("sm_scale", "fill")),
+         _signature(attention._attn_kernel, dict(Q=p, K=p, V=p, Mask="*u8", Live="*u8", O=p),
+                    ("sm_scale", "fill")),
          {"HAS_MASK": True, "DOT_F32": False, "BLOCK_M": att.block_m, "BLOCK_N": att.block_n, "BLOCK_D": HEAD},
          dict(num_warps=att.num_warps, num_stages=att.num_stages)),
     ]

@@ -8,7 +8,11 @@ fed to the P.V product are rounded to the input dtype, as in FlashAttention.
 
 Masks: the contract's bool mask [B, 1, Tq, Tk] is read tile by tile (1 byte per entry,
 broadcast over heads), which covers GLM's prefix-bidirectional blank-infilling mask, left
-padding and decode steps with one kernel. Masked scores take the contract's fill value
+padding and decode steps with one kernel. A small table says which (query block, key
+block) tiles hold any allowed entry; the kernel skips the others, so a causal or prefix
+prefill does about half the work of a full one. The table is built once per mask (the
+graph passes the same mask to every layer) and keeps every tile of a query block that
+has a row with no allowed key at all, so such rows still match the reference exactly. Masked scores take the contract's fill value
 (``mask_value`` or the most negative fp32), exactly as the reference, so even a row with
 no allowed key matches it. Grouped KV heads are indexed (query head h reads KV head
 h // (nh/g)), never copied. ``layer_scale`` (GLM's query-key layer scaling) exists to keep
@@ -18,10 +22,12 @@ not applied.
 Why not FlexAttention: it would generate a similar Triton kernel from a ``mask_mod``, but
 only through ``torch.compile`` (not runnable by Triton's interpreter, so unverifiable in
 our CPU CI), with a block mask rebuilt for every new prefix length, and with ROCm/DTK
-support that lags CUDA; this kernel is ~80 lines, runs on all three GPU platforms and is
+support that lags CUDA; this kernel is ~90 lines, runs on all three GPU platforms and is
 verified in CI. See docs/backends.md.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -31,7 +37,7 @@ from .launch import dot_in_fp32, pow2
 
 
 @triton.jit
-def _attn_kernel(Q, K, V, Mask, O, sm_scale, fill, Tq, Tk, NH, GROUP, D,
+def _attn_kernel(Q, K, V, Mask, Live, O, sm_scale, fill, Tq, Tk, NH, GROUP, D, NQB, NKB,
                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                  smb, smq, smk, sob, soh, sot,
                  HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr,
@@ -50,34 +56,65 @@ def _attn_kernel(Q, K, V, Mask, O, sm_scale, fill, Tq, Tk, NH, GROUP, D,
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, Tk, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + b * skb + kvh * skh + rn[None, :] * skt + rd[:, None] * skd,
-                     mask=(rn[None, :] < Tk) & (rd[:, None] < D), other=0.0)
-        v = tl.load(V + b * svb + kvh * svh + rn[:, None] * svt + rd[None, :] * svd,
-                    mask=(rn[:, None] < Tk) & (rd[None, :] < D), other=0.0)
-        if DOT_F32:
-            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
-        else:
-            s = tl.dot(q, kt)
-        s = s * sm_scale
+        live = 1
         if HAS_MASK:
-            allowed = tl.load(Mask + b * smb + rm[:, None] * smq + rn[None, :] * smk,
-                              mask=(rm[:, None] < Tq) & (rn[None, :] < Tk), other=0)
-            s = tl.where(allowed != 0, s, fill)
-        s = tl.where(rn[None, :] < Tk, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_F32:
-            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+            live = tl.load(Live + (b * NQB + tl.program_id(0)) * NKB + n0 // BLOCK_N)
+        if live != 0:
+            rn = n0 + tl.arange(0, BLOCK_N)
+            kt = tl.load(K + b * skb + kvh * skh + rn[None, :] * skt + rd[:, None] * skd,
+                         mask=(rn[None, :] < Tk) & (rd[:, None] < D), other=0.0)
+            v = tl.load(V + b * svb + kvh * svh + rn[:, None] * svt + rd[None, :] * svd,
+                        mask=(rn[:, None] < Tk) & (rd[None, :] < D), other=0.0)
+            if DOT_F32:
+                s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = s * sm_scale
+            if HAS_MASK:
+                allowed = tl.load(Mask + b * smb + rm[:, None] * smq + rn[None, :] * smk,
+                                  mask=(rm[:, None] < Tq) & (rn[None, :] < Tk), other=0)
+                s = tl.where(allowed != 0, s, fill)
+            s = tl.where(rn[None, :] < Tk, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DOT_F32:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
     out = acc / l_i[:, None]
     tl.store(O + b * sob + h * soh + rm[:, None] * sot + rd[None, :], out.to(O.dtype.element_ty),
              mask=(rm[:, None] < Tq) & (rd[None, :] < D))
+
+
+_live_cache: dict = {}
+
+
+def live_tiles(mask: torch.Tensor, B: int, Tq: int, Tk: int, bm: int, bn: int) -> torch.Tensor:
+    """uint8 [B, Tq/bm, Tk/bn]: 1 where the tile holds an allowed entry (or its query block
+    has a row with none, which must see every key to match the reference)."""
+    # inference-mode tensors have no version counter; masks are never modified after being
+    # built (glm_core.masks makes a new one per step), so identity is enough there
+    version = None if mask.is_inference() else mask._version
+    key = (id(mask), mask.data_ptr(), version, B, Tq, Tk, bm, bn)
+    hit = _live_cache.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    m = mask.expand(B, 1, Tq, Tk)[:, 0]
+    nq, nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+    padded = torch.zeros(B, nq * bm, nk * bn, dtype=torch.bool, device=mask.device)
+    padded[:, :Tq, :Tk] = m
+    live = padded.view(B, nq, bm, nk, bn).any(4).any(2)
+    empty = torch.zeros(B, nq * bm, dtype=torch.bool, device=mask.device)
+    empty[:, :Tq] = ~m.any(-1)
+    live |= empty.view(B, nq, bm).any(2, keepdim=True)
+    live = live.to(torch.uint8).contiguous()
+    _live_cache.clear()  # one mask per forward is live at a time
+    _live_cache[key] = (weakref.ref(mask), live)
+    return live
 
 
 def attention(q, k, v, mask, scale, mask_value, layer_scale, cfg):
@@ -87,15 +124,17 @@ def attention(q, k, v, mask, scale, mask_value, layer_scale, cfg):
     if NH % G:
         raise ValueError(f"{NH} query heads are not a multiple of {G} KV heads")
     o = torch.empty((B, NH, Tq, D), dtype=q.dtype, device=q.device)
+    nqb, nkb = triton.cdiv(Tq, cfg.block_m), triton.cdiv(Tk, cfg.block_n)
     if mask is not None:
         m8 = mask.expand(B, 1, Tq, Tk).view(torch.uint8)
         mstrides = (m8.stride(0), m8.stride(2), m8.stride(3))
+        live = live_tiles(mask, B, Tq, Tk, cfg.block_m, cfg.block_n)
     else:
-        m8, mstrides = q, (0, 0, 0)
+        m8, mstrides, live = q, (0, 0, 0), q
     fill = torch.finfo(torch.float32).min if mask_value is None else float(mask_value)
     if o.numel():
-        grid = (triton.cdiv(Tq, cfg.block_m), B * NH)
-        _attn_kernel[grid](q, k, v, m8, o, float(scale), fill, Tq, Tk, NH, NH // G, D,
+        grid = (nqb, B * NH)
+        _attn_kernel[grid](q, k, v, m8, live, o, float(scale), fill, Tq, Tk, NH, NH // G, D, nqb, nkb,
                            *q.stride(), *k.stride(), *v.stride(), *mstrides,
                            o.stride(0), o.stride(1), o.stride(2),
                            HAS_MASK=mask is not None, DOT_F32=dot_in_fp32(q.dtype),
