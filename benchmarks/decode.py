@@ -90,22 +90,34 @@ class GLMRunner:
         return self.m.generate(ids, max_new_tokens=n, stop_token_ids=[])
 
 
-def time_runner(r, ids, n, repeat):
-    """(prefill tokens/s, decode tokens/s) medians; decode time = generate - prefill."""
-    r.prefill(ids)  # warm-up
-    r.generate(ids, 4)
-    pre, dec = [], []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def time_once(r, ids, n):
+    """(prefill tokens/s, decode tokens/s) of one run; decode time = generate - prefill."""
+    t = time.perf_counter()
+    r.prefill(ids)
+    tp = time.perf_counter() - t
+    t = time.perf_counter()
+    out = r.generate(ids, n)
+    tg = time.perf_counter() - t
+    assert out.shape[1] == ids.shape[1] + n
+    return ids.shape[1] / tp, (n - 1) / max(tg - tp, 1e-9)  # the first new token comes from the prefill
+
+
+def time_all(runners, ids, n, repeat):
+    """Medians per runner, the runners taking turns in every round so that drift in the
+    machine's speed affects them alike; the ratio to the first runner is taken round by
+    round, then its median reported."""
+    for r in runners:  # warm-up
         r.prefill(ids)
-        tp = time.perf_counter() - t
-        t = time.perf_counter()
-        out = r.generate(ids, n)
-        tg = time.perf_counter() - t
-        assert out.shape[1] == ids.shape[1] + n
-        pre.append(ids.shape[1] / tp)
-        dec.append((n - 1) / max(tg - tp, 1e-9))  # the first new token comes from the prefill
-    return statistics.median(pre), statistics.median(dec)
+        r.generate(ids, 4)
+    rounds = [[time_once(r, ids, n) for r in runners] for _ in range(repeat)]
+    out = {}
+    for i, r in enumerate(runners):
+        pre = statistics.median(x[i][0] for x in rounds)
+        dec = statistics.median(x[i][1] for x in rounds)
+        ratio_p = statistics.median(x[i][0] / x[0][0] for x in rounds)
+        ratio_d = statistics.median(x[i][1] / x[0][1] for x in rounds)
+        out[r.name] = (pre, dec, ratio_p, ratio_d)
+    return out
 
 
 def weight_shapes(d: Path) -> dict[str, int]:
@@ -153,7 +165,7 @@ def main():
         export_checkpoint(d, Path(tmp) / "onnx", progress=False)
         runners.append(GLMRunner(Path(tmp) / "onnx", "onnx"))
         ids = torch.randint(0, 150000, (1, a.prompt), generator=torch.Generator().manual_seed(0))
-        results = {r.name: time_runner(r, ids, a.new, a.repeat) for r in runners}
+        results = time_all(runners, ids, a.new, a.repeat)
     roof = bw / wbytes
     n_params = sum(sizes.values())
     print(f"model: GLM-4 architecture, {n_params / 1e6:.1f}M parameters fp32; {torch.get_num_threads()} threads; "
@@ -161,12 +173,11 @@ def main():
     print(f"memory bandwidth (streaming read): {bw / 1e9:.1f} GB/s; weights read per decode step "
           f"{wbytes / 1e6:.0f} MB -> roofline {roof:.1f} tokens/s")
     print(f"{'runtime':<32}{'prefill tok/s':>15}{'decode tok/s':>14}{'% roofline':>12}")
-    for name, (p, dd) in results.items():  # quantized runners: roofline of their own (smaller) weights
+    for name, (p, dd, _, _) in results.items():  # quantized runners: roofline of their own (smaller) weights
         print(f"{name:<32}{p:>15.1f}{dd:>14.2f}{100 * dd * wbytes_of.get(name, wbytes) / bw:>11.1f}%")
-    ref_p, ref_d = results["transformers"]
-    for name, (p, dd) in results.items():
+    for name, (_, _, rp, rd) in results.items():
         if name != "transformers":
-            print(f"{name} / transformers: prefill x{p / ref_p:.2f}, decode x{dd / ref_d:.2f}")
+            print(f"{name} / transformers (median of per-round ratios): prefill x{rp:.2f}, decode x{rd:.2f}")
 
 
 if __name__ == "__main__":
