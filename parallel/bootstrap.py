@@ -12,7 +12,8 @@ Discovery order of rank, world size and local rank (first match wins):
 4. Open MPI variables without mpi4py: ``OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK``;
 5. MPICH / Intel MPI (PMI) variables: ``PMI_RANK/PMI_SIZE`` with ``MPI_LOCALRANKID``
    (or ``PALS_LOCAL_RANKID``), and PMIx's ``PMIX_RANK``;
-6. Slurm: ``SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID`` (``srun`` without MPI);
+6. Slurm: ``SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID`` (``srun`` without MPI; a
+   batch script inside an allocation has no step and is a single process);
 7. nothing: a single process.
 
 Rendezvous. With MPI, rank 0 opens torch's libuv ``TCPStore`` on port 0 (the kernel picks
@@ -85,15 +86,19 @@ def _from_env(env: Mapping[str, str]) -> LaunchInfo | None:
          ("MPI_LOCALNRANKS", "PALS_LOCAL_SIZE")),
         ("pmix", ("PMIX_RANK",), ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"), ("PMIX_LOCAL_RANK",),
          ("PMIX_LOCAL_SIZE",)),
-        ("slurm", ("SLURM_PROCID",), ("SLURM_NTASKS", "SLURM_NPROCS"), ("SLURM_LOCALID",),
-         ("SLURM_NTASKS_PER_NODE",)),
+        # SLURM_STEP_NUM_TASKS is set by srun for its step only: a batch script inside an
+        # allocation (SLURM_NTASKS set, no step) is not a launched rank.
+        ("slurm", ("SLURM_PROCID",), ("SLURM_STEP_NUM_TASKS",), ("SLURM_LOCALID",), ("SLURM_NTASKS_PER_NODE",)),
     )
     for source, rk, ws, lr, lw in table:
         rank, world = _int(env, *rk), _int(env, *ws)
         if rank is None or world is None:
             continue
         local = _int(env, *lr)
-        lsize = _int(env, *lw)
+        try:  # local sizes only decide whether the loopback can host the store
+            lsize = _int(env, *lw)
+        except DistributedError:
+            lsize = None
         if local is None:
             local, lsize = 0, 1
         return LaunchInfo(rank, world, local, lsize or world, source)

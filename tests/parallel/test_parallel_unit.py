@@ -19,11 +19,14 @@ from parallel.pipeline import bubble_theory, partition_layers
     ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8"},
      (3, 8, 1, "torchrun")),
     ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-      "SLURM_PROCID": "0", "SLURM_NTASKS": "8"}, (5, 8, 1, "openmpi")),
-    ({"PMI_RANK": "6", "PMI_SIZE": "8", "MPI_LOCALRANKID": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "8"},
+      "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8"}, (5, 8, 1, "openmpi")),
+    ({"PMI_RANK": "6", "PMI_SIZE": "8", "MPI_LOCALRANKID": "2", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "8"},
      (6, 8, 2, "pmi")),
     ({"PMI_RANK": "6", "PMI_SIZE": "8", "PALS_LOCAL_RANKID": "3"}, (6, 8, 3, "pmi")),
-    ({"SLURM_PROCID": "7", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3"}, (7, 8, 3, "slurm")),
+    ({"SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "3", "SLURM_NTASKS_PER_NODE": "2(x4)"},
+     (7, 8, 3, "slurm")),
+    # a batch script in an allocation of 8 tasks is not a launched rank
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "42"}, (0, 1, 0, "single")),
 ])
 def test_discovery_order(env, want):
     info = bootstrap.discover(env=env, use_mpi=False)
