@@ -99,6 +99,7 @@ class OnnxSession:
     def _options(self, ort, profile_dir: str | None = None):
         so = ort.SessionOptions()
         so.log_severity_level = 4  # fatal only: errors reach the user as one-line GLMErrors below
+        so.intra_op_num_threads = torch.get_num_threads()  # the same CPU threads as the torch backends
         if self.no_cpu_fallback:
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         if profile_dir is not None:
