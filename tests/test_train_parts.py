@@ -143,8 +143,14 @@ def test_cli_trains_logs_and_plots(small, tmp_path, capsys):
     # the exported model loads with the inference API
     from glm_core import load_model
 
+    from glm_core.tokenizer import Tokenizer
+
     m = load_model(run / "model", backend="cpu")
-    assert m.config.family == "glm-130b" and m.config.residual == "deepnorm"
+    c = m.config
+    assert (c.residual, c.activation, c.rope, c.attention) == ("deepnorm", "geglu", "neox", "prefix")
+    tk = Tokenizer(m.tokenizer_path, c)  # the exported ids line up with the tokenizer's layout
+    assert tk.vocab_size == c.vocab_size and tk.special["mask"] == c.mask_token_id
+    assert tk.decode(tk.encode("hello world")) == "hello world"
     png = tmp_path / "curves.png"
     assert glmrt(["plot-run", str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -35,7 +35,7 @@ def tiny_config(d: Path, corpus: Path, tokenizer: Path, **over) -> dict:
     cfg = {
         "run_dir": str(d / "run"), "steps": 40, "seed": 3, "threads": 1, "backend": "cpu",
         "save_interval": 10, "eval_interval": 20, "eval_batches": 1,
-        "model": {"preset": "tiny-glm-130b", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+        "model": {"preset": "tiny-glm-130b", "family": "glm-tiny", "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                   "num_kv_heads": 2, "head_dim": 16, "rope_dim": 16, "ffn_hidden_size": 48,
                   "max_position_embeddings": 128},
         "data": {"corpus": str(corpus), "tokenizer": str(tokenizer), "heldout_every": 8, "seq_len": 64},

@@ -27,7 +27,8 @@ def _xavier(shape, gain: float, g: torch.Generator) -> torch.Tensor:
 def deepnorm_state(config: GLMConfig, seed: int = 0, embed_std: float = 0.02) -> dict[str, torch.Tensor]:
     """Initial weights of ``config`` (fp32). Non-DeepNorm configs get beta = 1 (plain Xavier)."""
     c = config
-    beta = (2.0 * c.num_layers) ** -0.5 if c.residual == "deepnorm" else 1.0
+    n = c.deepnorm_layers or c.num_layers  # N as in alpha = sqrt(2N)
+    beta = (2.0 * n) ** -0.5 if c.residual == "deepnorm" else 1.0
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, (shape, _) in sorted(parameter_shapes(c).items()):
