@@ -171,3 +171,19 @@ def test_cli_errors_are_one_line(small, tmp_path, capsys):
     assert glmrt(["train", str(f), "--no-progress"]) == 2
     assert "unknown optim option(s): betas" in capsys.readouterr().err
     assert glmrt(["plot-run", str(tmp_path / "nothing")]) == 2
+
+
+def test_trained_model_ids_match_its_tokenizer(small):
+    """The model config made for a trained tokenizer lays out ids as the tokenizer wrapper
+    reads them back with that config (specials right after the pieces, no image offset)."""
+    from glm_core.tokenizer import Tokenizer
+    from glm_core.training.run import model_config
+
+    d, corpus, tok_file = small
+    tok = Tokenizer(tok_file)
+    for model in ({}, {"preset": "tiny-chatglm-6b"}, {"preset": "tiny-chatglm2"}):
+        c = model_config({"model": model}, tok)
+        back = Tokenizer(tok_file, c)
+        assert back.encode("a [MASK] b") == tok.encode("a [MASK] b"), model
+        assert back.special["mask"] == c.mask_token_id == tok.sp.get_piece_size()
+

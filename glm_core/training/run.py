@@ -77,6 +77,10 @@ def model_config(cfg: dict, tok: Tokenizer) -> GLMConfig:
                 sop_token_id=n + 3, eop_token_id=n + 4, pad_token_id=tok.pad_id,
                 eos_token_ids=[n + 4] + ([tok.eos_id] if tok.eos_id is not None else []),
                 torch_dtype="float32")
+    if "family" not in m and base["family"] == "glm-130b":
+        # To the tokenizer wrapper, "glm-130b" means icetk's id layout (20,000 image ids
+        # before the text); a model trained here has its own sentencepiece layout.
+        base["family"] = "glm-130b-style"
     base.update(m)
     return GLMConfig(**base)
 
