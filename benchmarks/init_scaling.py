@@ -123,22 +123,82 @@ def _rank_main(mode: str, repeats: int) -> None:
         print("BENCH " + json.dumps({"mode": mode, "world": world, "tp": tp, "pp": pp, "runs": out}), flush=True)
 
 
-def _free_port() -> int:
-    """How env:// launchers get a port: bind port 0, read it, close it (racy by design)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _connections_main() -> None:
+    """One rank of the connection count: bootstrap, a (2, 2, N/4) topology, then count
+    this process's TCP sockets to the store and to peers."""
+    os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from parallel import bootstrap
+    from parallel.topology import Topology
+
+    def sockets() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+        return n
+
+    comm = MPI.COMM_WORLD
+    base = sockets()  # MPI's own
+    ctx = bootstrap.init("cpu")
+    after_store_pg = sockets() - base
+    world = ctx.world_size
+    topo = Topology(tp=2 if world >= 2 else 1, pp=2 if world >= 4 else 1, device_type="cpu")
+    dist.barrier()
+    after_groups = sockets() - base
+    counts = comm.gather((after_store_pg, after_groups, topo.groups_created), root=0)
+    if comm.Get_rank() == 0:
+        print("CONN " + json.dumps({"world": world, "rank0": counts[0], "others_max": max(counts[1:] or [counts[0]]),
+                                    "others_min": min(counts[1:] or [counts[0]])}), flush=True)
+    bootstrap.shutdown()
 
 
-def measure_full(worlds, repeats: int) -> list[dict]:
+def measure_connections(worlds) -> list[dict]:
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    rows = []
+    for n in worlds:
+        env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        p = subprocess.run([str(mpiexec), "-n", str(n), sys.executable, __file__, "_connections"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        line = [x for x in p.stdout.splitlines() if x.startswith("CONN ")]
+        if p.returncode or not line:
+            raise SystemExit(f"connection count failed at N={n}:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
+        rows.append(json.loads(line[0][5:]))
+        print("connections " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _free_port(start: int) -> int:
+    """How env:// launchers get a port: a free one chosen in advance, closed again, for rank 0
+    to bind later. Below the kernel's ephemeral range (like torchrun's 29500): a port taken
+    from that range (bind to port 0, then close) was, in this benchmark, grabbed by a gloo
+    listener of the previous repetition before rank 0 bound it, and the job hung with its
+    ranks connected to the wrong server (docs/scaling.md)."""
+    for port in range(start, 32768):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise SystemExit("no free port below 32768")
+
+
+def measure_full(worlds, repeats: int, extra_env: dict | None = None, label: str = "default") -> list[dict]:
     mpiexec = Path(sys.executable).parent / "mpiexec"
     rows = []
     for mode in ("mpi", "env"):
         for n in worlds:
             env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-                       MASTER_ADDR="127.0.0.1")
+                       MASTER_ADDR="127.0.0.1", **(extra_env or {}))
+            port = 29500
             for rep in range(repeats):
-                env[f"GLM_BENCH_PORT_{rep}"] = str(_free_port())
+                port = _free_port(port + 1)
+                env[f"GLM_BENCH_PORT_{rep}"] = str(port)
             cmd = [str(mpiexec), "-n", str(n), sys.executable, __file__, "_rank", mode, "--repeats", str(repeats)]
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
             line = [x for x in p.stdout.splitlines() if x.startswith("BENCH ")]
@@ -146,8 +206,9 @@ def measure_full(worlds, repeats: int) -> list[dict]:
                 raise SystemExit(f"full benchmark failed at N={n} ({mode}):\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
             r = json.loads(line[0][6:])
             r["median"] = {k: statistics.median(run["ends"][k] for run in r["runs"]) for k in PHASES}
+            r["names"] = label
             rows.append(r)
-            print(f"full  {mode:3s} N={n:4d}  " + "  ".join(f"{k}={r['median'][k] * 1e3:8.1f}ms" for k in PHASES)
+            print(f"full  {mode:3s} {label:7s} N={n:4d}  " + "  ".join(f"{k}={r['median'][k] * 1e3:8.1f}ms" for k in PHASES)
                   + f"  groups={r['runs'][0]['groups']}", flush=True)
     return rows
 
@@ -282,7 +343,8 @@ def model(arrival, mesh, dns, full_rows) -> dict:
     _, per_req = fit_line([r["world"] * (r["world"] + 1) for r in mesh], [r["requests_s"] for r in mesh])
     conns = sum(r["world"] for r in dns)
     stall_rate = sum(r["connect_stalls_over_1s"] for r in dns) / max(1, conns)
-    mpi_full = [r for r in full_rows if r["mode"] == "mpi"]
+    mpi_full = [r for r in full_rows if r["mode"] == "mpi" and r["names"] == "numeric"] or \
+        [r for r in full_rows if r["mode"] == "mpi"]
     big = max(mpi_full, key=lambda r: r["world"])
     groups = max(1, big["runs"][0]["groups"])
     per_group = (big["median"]["subgroups"] - big["median"]["process_group"]) / groups
@@ -314,13 +376,17 @@ def plot(full_rows, store_rows, mdl, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for mode, style in (("mpi", "-o"), ("env", "--s")):
-        rows = sorted((r for r in full_rows if r["mode"] == mode), key=lambda r: r["world"])
+    for names, mode, style in (("numeric", "mpi", "-o"), ("numeric", "env", "-s"), ("default", "mpi", ":o"),
+                               ("default", "env", ":s")):
+        rows = sorted((r for r in full_rows if r["mode"] == mode and r["names"] == names), key=lambda r: r["world"])
+        if not rows:
+            continue
         xs = [r["world"] for r in rows]
-        label = "MPI bootstrap" if mode == "mpi" else "env:// (torchrun style)"
-        if mode == "mpi":
+        label = ("MPI bootstrap" if mode == "mpi" else "env://") + (", host DNS" if names == "default" else "")
+        if mode == "mpi" and names == "numeric":
             a1.plot(xs, [r["median"]["arrival"] * 1e3 for r in rows], style, label=f"{label}: store + arrival")
-        a1.plot(xs, [r["median"]["process_group"] * 1e3 for r in rows], style, label=f"{label}: + gloo group")
+        if names == "numeric":
+            a1.plot(xs, [r["median"]["process_group"] * 1e3 for r in rows], style, label=f"{label}: + gloo group")
         a1.plot(xs, [r["median"]["subgroups"] * 1e3 for r in rows], style, label=f"{label}: + TP/DP/PP groups")
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
@@ -358,14 +424,19 @@ def main() -> None:
     r = sub.add_parser("run", help="run every measurement and write docs/scaling.{json,png}")
     r.add_argument("--full", default="1,2,4,8,16,32", help="world sizes of real ranks")
     r.add_argument("--store", default="64,256,1024,4096,10240", help="world sizes of the store-only run")
-    r.add_argument("--dns", default="64,256,512", help="world sizes of the run with the host's resolver")
+    r.add_argument("--dns", default="64,128", help="world sizes of the run with the host's resolver")
     r.add_argument("--mesh", default="16,32,64,128,256,512", help="world sizes of the full-mesh exchange")
+    r.add_argument("--connections", default="2,4,8,16", help="world sizes of the socket count")
     r.add_argument("--client-procs", type=int, default=8)
     r.add_argument("--repeats", type=int, default=3)
     r.add_argument("--out", default=str(DOCS / "scaling.json"))
     k = sub.add_parser("_rank")
     k.add_argument("mode", choices=("mpi", "env"))
     k.add_argument("--repeats", type=int, default=3)
+    cn = sub.add_parser("connections", help="count each rank's sockets after start-up; merge into --out")
+    cn.add_argument("--worlds", default="2,4,8,16")
+    cn.add_argument("--out", default=str(DOCS / "scaling.json"))
+    sub.add_parser("_connections")
     sv = sub.add_parser("_server")
     sv.add_argument("world", type=int)
     c = sub.add_parser("_clients")
@@ -374,6 +445,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.cmd == "_rank":
         return _rank_main(args.mode, args.repeats)
+    if args.cmd == "_connections":
+        return _connections_main()
+    if args.cmd == "connections":
+        rows = measure_connections([int(x) for x in args.worlds.split(",")])
+        out = Path(args.out)
+        data = json.loads(out.read_text()) if out.exists() else {}
+        data["connections"] = rows
+        tmp_out = out.with_suffix(".tmp")
+        tmp_out.write_text(json.dumps(data, indent=1) + "\n")
+        tmp_out.rename(out)
+        return
     if args.cmd == "_server":
         return _server_main(args.world)
     if args.cmd == "_clients":
@@ -386,19 +468,22 @@ def main() -> None:
 
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     load0 = os.getloadavg()
-    full = measure_full(ints(args.full), args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         numeric = numeric_nameinfo_env(Path(tmp))
         label = "numeric" if numeric else "default"
+        full = measure_full(ints(args.full), args.repeats)
+        if numeric:
+            full += measure_full(ints(args.full), args.repeats, numeric, label)
         arrival = measure_store(ints(args.store), "arrival", args.client_procs, Path(tmp), numeric, label)
         mesh = measure_store(ints(args.mesh), "mesh", args.client_procs, Path(tmp), numeric, label)
         dns = measure_store(ints(args.dns), "arrival", args.client_procs, Path(tmp), {}, "default")
     mdl = model(arrival, mesh, dns, full)
+    connections = measure_connections(ints(args.connections))
     import torch
 
     result = {"host": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "torch": torch.__version__,
                        "loadavg_before": load0, "loadavg_after": os.getloadavg()},
-              "full": full, "store": arrival + mesh + dns, "model": mdl}
+              "full": full, "store": arrival + mesh + dns, "model": mdl, "connections": connections}
     out = Path(args.out)
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(result, indent=1) + "\n")

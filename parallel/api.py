@@ -8,6 +8,7 @@ and gets a :class:`ParallelGLM` whose ``m(ids)`` returns the full logits and who
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -21,6 +22,7 @@ from . import bootstrap
 from .model import ParallelModel
 from .topology import Topology, rank_of
 
+log = logging.getLogger("parallel")
 _topologies: dict[tuple, Topology] = {}
 
 
@@ -32,6 +34,10 @@ def topology(tp: int = 1, pp: int = 1, dp: int | None = None, backend=None) -> T
         t = Topology(tp, pp, dp, device_type=ctx.backend.device_type)
         ctx.timings.subgroups = t.creation_s
         _topologies[key] = t
+        if t.rank == 0:
+            phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ctx.timings.as_dict().items())
+            log.info("%d ranks (%s via %s), tp=%d pp=%d dp=%d, %d process groups: %s", t.world_size,
+                     ctx.backend.dist_backend, ctx.info.source, t.tp, t.pp, t.dp, t.groups_created, phases)
     return _topologies[key]
 
 

@@ -36,6 +36,8 @@ class _EmptyEmbed(nn.Module):
 
 
 class ParallelModel(nn.Module):
+    """This rank's pipeline stage of a GLM model, tensor-parallel (see the module docstring)."""
+
     def __init__(self, model: GLMModel, topo: Topology, ends_lighter: bool = False, backend=None):
         super().__init__()
         c = model.config
