@@ -127,8 +127,8 @@ def load(ckpt: str | os.PathLike, rank: int, world: int, layout: dict) -> tuple[
     if meta["world_size"] != world or meta["layout"] != layout:
         raise CheckpointError(
             f"checkpoint was saved with layout {meta['layout']} on {meta['world_size']} process(es), this run uses "
-            f"{layout} on {world}; optimizer state is sharded per rank and cannot be resumed on another layout "
-            f"(export the weights and start a new run from them instead)", ckpt)
+            f"{layout} on {world}: this reads one rank's files of the same layout (the trainer reshards other "
+            f"layouts with glm_core.training.reshard)", ckpt)
     mf = ckpt / f"model-rank{rank:05d}.safetensors"
     sf = ckpt / f"state-rank{rank:05d}.pt"
     if not mf.is_file() or not sf.is_file():

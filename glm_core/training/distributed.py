@@ -47,7 +47,6 @@ class ParallelTrainer(Trainer):
         from parallel.model import ParallelModel
 
         self.topo = topo
-        self.global_config = model.config
         pm = ParallelModel(model, topo)
         pm.requires_grad_(True)
         super().__init__(pm, collator, cfg, make_eval_collator, extra_state, progress=progress and topo.rank == 0)
@@ -126,17 +125,7 @@ class ParallelTrainer(Trainer):
             return 0
         from pathlib import Path
 
-        _, model_state, ts = checkpoint.load(Path(box[0]), self.topo.rank, self.topo.world_size, self.layout)
-        if ts.get("extra") != self.extra_state:
-            raise GLMError("the run directory's checkpoint was made with a different model/tokenizer config; "
-                           "use a new run directory", box[0])
-        self.master.load_state_dict(model_state)
-        self.opt.load_state_dict(ts["optimizer"])
-        self.scaler.load_state_dict(ts["scaler"])
-        self.collator.load_state_dict(ts["data"])
-        torch.set_rng_state(ts["torch_rng"])
-        self.step = int(ts["step"])
-        return self.step
+        return self._restore(Path(box[0]), self.topo.tp, self.topo.tp_rank)
 
     def full_state(self) -> dict | None:
         """The whole model's weights on rank 0 (None elsewhere)."""

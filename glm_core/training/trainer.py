@@ -98,6 +98,7 @@ class Trainer:
                  make_eval_collator: Callable[[], Collator] | None = None, extra_state: dict | None = None,
                  progress: bool = True):
         self.model, self.collator, self.cfg = model, collator, cfg
+        self.global_config = getattr(model, "global_config", model.config)  # the whole model's
         self.make_eval_collator = make_eval_collator
         self.extra_state = extra_state or {}
         self.progress = progress
@@ -121,33 +122,48 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def _train_state(self) -> dict:
+        name_of = {id(p): n for n, p in self.master.named()}
         return {"step": self.step, "optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                 "data": self.collator.state_dict(), "torch_rng": torch.get_rng_state(),
-                "extra": self.extra_state}
+                "extra": self.extra_state,
+                # parameter name of each optimizer-state index: what resharding needs
+                "opt_param_names": [name_of[id(p)] for g in self.opt.param_groups for p in g["params"]]}
+
+    def _restore(self, ck: Path, tp: int = 1, tp_rank: int = 0) -> int:
+        """Load checkpoint ``ck`` into this trainer: directly when it has this run's layout,
+        else through :mod:`glm_core.training.reshard`."""
+        meta = checkpoint.read_meta(ck)
+        topo = getattr(self, "topo", None)
+        rank, world = (topo.rank, topo.world_size) if topo is not None else (0, 1)
+        if meta["world_size"] == world and meta["layout"] == self.layout:
+            _, model_state, ts = checkpoint.load(ck, rank, world, self.layout)
+            missing = set(self.master.names) - set(model_state)
+            if missing:
+                raise GLMError(f"checkpoint lacks {sorted(missing)[0]}", ck)
+            self.master.load_state_dict(model_state)
+            self.opt.load_state_dict(ts["optimizer"])
+        else:
+            from .reshard import load_into
+
+            ts = load_into(self, ck, meta, tp, tp_rank)
+        if ts.get("extra") != self.extra_state:
+            raise GLMError("the run directory's checkpoint was made with a different model/tokenizer config; "
+                           "use a new run directory", ck)
+        self.scaler.load_state_dict(ts["scaler"])
+        self.collator.load_state_dict(ts["data"])
+        torch.set_rng_state(ts["torch_rng"])
+        self.step = int(ts["step"])
+        return self.step
 
     def save(self) -> Path:
         return checkpoint.save(self.ckpt_root, self.step, 0, 1, self.layout, self.master.state_dict(),
                                self._train_state(), keep=self.cfg.keep_checkpoints)
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint of the run directory, if any; returns its step."""
+        """Load the newest complete checkpoint of the run directory, if any; returns its step.
+        A checkpoint of another parallel layout is resharded (weights and AdamW moments)."""
         ck = checkpoint.latest(self.ckpt_root)
-        if ck is None:
-            return 0
-        _, model_state, ts = checkpoint.load(ck, 0, 1, self.layout)
-        if ts.get("extra") != self.extra_state:
-            raise GLMError("the run directory's checkpoint was made with a different model/tokenizer config; "
-                           "use a new run directory", ck)
-        missing = set(self.master.names) - set(model_state)
-        if missing:
-            raise GLMError(f"checkpoint lacks {sorted(missing)[0]}", ck)
-        self.master.load_state_dict(model_state)
-        self.opt.load_state_dict(ts["optimizer"])
-        self.scaler.load_state_dict(ts["scaler"])
-        self.collator.load_state_dict(ts["data"])
-        torch.set_rng_state(ts["torch_rng"])
-        self.step = int(ts["step"])
-        return self.step
+        return 0 if ck is None else self._restore(ck)
 
     # ----------------------------------------------------------------- loop
     def train_step(self) -> dict:
