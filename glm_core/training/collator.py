@@ -122,6 +122,11 @@ class Batch:
     segment: torch.Tensor  # [B, T] long: packed sample index in the row, -1 on padding
     objectives: list  # per row: "mask" | "smask" | "gmask" | "causal"
 
+    def to(self, device) -> "Batch":
+        """The batch on ``device`` (the collator builds it on the host)."""
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.mask.to(device),
+                     self.targets.to(device), self.segment.to(device), self.objectives)
+
     @property
     def n_targets(self) -> int:
         return int((self.targets != IGNORE).sum())

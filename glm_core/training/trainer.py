@@ -68,9 +68,10 @@ def batch_loss(model: GLMModel, batch: Batch) -> torch.Tensor:
 def evaluate(model: GLMModel, make_collator: Callable[[], Collator], batches: int, micro: int) -> dict:
     """Held-out loss per objective and overall (token-weighted), on a fixed set of batches."""
     col = make_collator()
+    dev = model.embed.weight.device
     sums: dict[str, list[float]] = {}
     for _ in range(batches):
-        for b in _rows(col.next_batch(micro)):
+        for b in _rows(col.next_batch(micro).to(dev)):
             loss = float(batch_loss(model, b))
             s = sums.setdefault(b.objectives[0], [0.0, 0])
             s[0] += loss * b.n_targets
@@ -170,7 +171,9 @@ class Trainer:
         cfg, step = self.cfg, self.step
         t0 = time.perf_counter()
         bs = batch_size_at(step, cfg.optim)
-        micro = [self.collator.next_batch(cfg.optim.micro_batch_size) for _ in range(bs // cfg.optim.micro_batch_size)]
+        dev = self.model.embed.weight.device
+        micro = [self.collator.next_batch(cfg.optim.micro_batch_size).to(dev)
+                 for _ in range(bs // cfg.optim.micro_batch_size)]
         n_targets = sum(b.n_targets for b in micro)
         scale = self.scaler.scale
         self.model.train()
