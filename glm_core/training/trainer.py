@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -235,7 +235,3 @@ class Trainer:
 def _json_safe(rec: dict) -> dict:
     """JSON has no inf/NaN: write them as strings so the log stays parseable."""
     return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-
-
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
