@@ -134,9 +134,14 @@ class ParallelModel(nn.Module):
                                         self.tp_group)
         if c.tie_word_embeddings and t.pp > 1 and (self.first or self.last):
             p = self.embed.weight if self.first else self.head.weight
+            # collectives need contiguous memory; the head copy may have the backend's
+            # (transposed) layout, and so its gradient
+            g = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if p.grad is None else p.grad.contiguous()
+            dist.all_reduce(g, group=t.embedding_group)
             if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=t.embedding_group)
+                p.grad = g
+            else:
+                p.grad.copy_(g)
 
     # ------------------------------------------------------------------- state
     def native_items(self, grads: bool = False):

@@ -117,10 +117,11 @@ def run_local(n: int, command: list[str], grace_s: float) -> int:
         for r, p in enumerate(procs):
             if status[r] is None and p.poll() is not None:
                 status[r] = p.returncode
-                if p.returncode != 0 and failed_at is None:
-                    failed_at = time.monotonic()
-                    print(f"glmrt launch: rank {r} exited with status {p.returncode}; waiting up to "
-                          f"{grace_s:.0f} s for the others", file=sys.stderr, flush=True)
+                if p.returncode != 0:
+                    wait = f"; waiting up to {grace_s:.0f} s for the others" if failed_at is None else ""
+                    failed_at = failed_at or time.monotonic()
+                    print(f"glmrt launch: rank {r} exited with status {p.returncode}{wait}", file=sys.stderr,
+                          flush=True)
         if failed_at is not None and time.monotonic() - failed_at > grace_s:
             for r, p in enumerate(procs):
                 if status[r] is None:
