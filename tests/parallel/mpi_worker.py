@@ -12,7 +12,7 @@ Tolerances (fp32): logits and loss ``|x - ref| <= 2e-5 + 1e-4 |ref|``; gradients
 the same sums split into partial sums (row-parallel all-reduce, vocab-parallel softmax
 statistics, micro-batch accumulation); each split changes only the order of fp32
 additions, a relative error of a few ulp (1.2e-7) per reduction, amplified by at most a
-few layers here. Measured worst errors are printed (``worst``) and are ~1e-7 relative.
+few layers here. The measured worst absolute errors are in each RESULT line (``*_err``): ~1e-7.
 
 Prints one ``RESULT {json}`` line per check from rank 0 and exits non-zero on a mismatch.
 """
