@@ -30,6 +30,8 @@ def detect_format(path: str | os.PathLike) -> str:
     for name, test, _ in FORMATS:
         if test(path):
             return name
+    if (path / "model.onnx").is_file():
+        raise CheckpointError("this is an ONNX export: run it with the onnx backend (--backend onnx)", path)
     raise CheckpointError("not a recognised GLM checkpoint (looked for a native, transformers glm/glm4 or THUDM "
                           "chatglm config.json, or a SAT 'latest' + mp_rank_XX_model_states.pt layout)", path)
 

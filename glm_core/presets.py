@@ -43,7 +43,8 @@ def _glm130b(**sizes):
 
 
 def _chatglm6b(**sizes):
-    return dict(_GLM130B_STYLE, family="chatglm-6b", activation="gelu_tanh", rope="neox_2d",
+    # rope_fp16: the HF ChatGLM-6B code rounds the rotary frequencies to fp16 (glm-spec §3.2)
+    return dict(_GLM130B_STYLE, family="chatglm-6b", activation="gelu_tanh", rope="neox_2d", rope_fp16=True,
                 tie_word_embeddings=False, **_CHATGLM6B_TOKENS, **sizes)
 
 

@@ -37,7 +37,9 @@ def run(args) -> int:
             extra = (f", warp {caps.warp_size}" if caps.warp_size else "") + (
                 f", tuning {caps.extra['tuning']}" if "tuning" in caps.extra else "")
             print(f"    arch {caps.arch or '-'}, compute dtypes {', '.join(_dt(x) for x in caps.compute_dtypes)}{extra}")
-        if args.ops:
+        if args.ops and getattr(b, "load_runtime", None) is not None:
+            print("      runs exported graphs of its own: a loaded model's op report lists what ran where")
+        elif args.ops:
             kernels = {**b.kernels(), **extra_kernels(b.name)}
             for op in OPS:
                 k = kernels.get(op)

@@ -62,7 +62,7 @@ def run(args) -> int:
             raise GLMError("the checkpoint has no tokenizer.model: pass --ids", model_dir)
         if args.prompt is None:
             raise GLMError("give --prompt TEXT or --ids 1,2,3")
-        if m.config.attention == "prefix" and any(t in args.prompt for t in ("[MASK]", "[sMASK]", "[gMASK]")):
+        if m.config.attention == "prefix":  # blank infilling; a text without a blank gets [gMASK]
             from ..infilling import fill_blanks
 
             print(fill_blanks(m, tok, args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
