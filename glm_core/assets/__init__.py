@@ -8,9 +8,11 @@ from ..errors import GLMError
 ASSETS = Path(__file__).parent
 
 
-def demo_model_dir() -> Path:
-    """The bundled model ``glmrt generate`` uses when no model is given."""
-    d = ASSETS / "demo"
+def default_model_dir() -> Path:
+    """The bundled model ``glmrt generate`` uses when no model is given: ``glm-tiny``, a
+    1.9M-parameter GLM-130B-style model trained by ``glmrt train configs/glm-tiny.yaml``
+    (see docs/training.md)."""
+    d = ASSETS / "glm-tiny"
     if not (d / "config.json").is_file():
-        raise GLMError("the bundled demo model is missing (rebuild it with scripts/make_demo_model.py)", d)
+        raise GLMError("the bundled model is missing (retrain it with: glmrt train configs/glm-tiny.yaml)", d)
     return d

@@ -9,18 +9,18 @@ from .common import add_backend_args, read_run_config
 
 NAME = "generate"
 HELP = "generate text with a GLM model on the selected backend"
-EXAMPLE = 'glmrt generate --prompt "The meaning of life is" --max-new-tokens 32 --backend cpu'
+EXAMPLE = 'glmrt generate --prompt "The quick brown [MASK] jumps over the lazy dog." --backend cpu'
 
 
 def default_model() -> str:
-    from ..assets import demo_model_dir
+    from ..assets import default_model_dir
 
-    return str(demo_model_dir())
+    return str(default_model_dir())
 
 
 def add_arguments(p):
     p.add_argument("model", nargs="?", help="checkpoint directory (native or any supported format; "
-                   "default: the bundled demo model)")
+                   "default: the bundled glm-tiny model)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (may contain [MASK], [sMASK], [gMASK], <sop>)")
     src.add_argument("--ids", help="comma-separated prompt token ids instead of text")
