@@ -367,6 +367,8 @@ def fail_fast(what: str = "the distributed job"):
 
 
 def _die(msg: str) -> None:
-    print(f"glmrt: error: {msg}", file=sys.stderr, flush=True)
+    # one write of the whole line: ranks sharing a terminal must not interleave mid-line
+    sys.stderr.write(f"glmrt: error: {msg}\n")
+    sys.stderr.flush()
     sys.stdout.flush()
     os._exit(3)

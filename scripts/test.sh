@@ -7,7 +7,7 @@ bash scripts/setup.sh dev
 . .venv/bin/activate
 export TORCH_DEVICE_BACKEND_AUTOLOAD=0 GLM_STRICT_OPS=1
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
