@@ -39,7 +39,7 @@ from glm_core.presets import PRESETS
 
 from .native import atomic_dir
 from .quantize import LINEARS as QUANT_LINEARS
-from .tensor_io import read_state_dict
+from .tensor_io import read_config_json, read_state_dict
 
 log = logging.getLogger("converters.chatglm")
 
@@ -53,23 +53,8 @@ _AUTO_MAP_V2 = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
 _TOKEN_FIELDS = ("mask_token_id", "gmask_token_id", "smask_token_id", "sop_token_id", "eop_token_id")
 
 
-def _read_config(path: Path, required: bool = True) -> dict:
-    f = path / "config.json"
-    try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        if required:
-            raise CheckpointError("config.json not found", f) from None
-        return {}
-    except json.JSONDecodeError as e:
-        if required:
-            raise CheckpointError(f"not valid JSON ({e})", f) from None
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
 def is_chatglm(path: Path) -> bool:
-    return _read_config(path, required=False).get("model_type") == "chatglm"
+    return read_config_json(path, required=False).get("model_type") == "chatglm"
 
 
 def generation(hf: dict) -> str:
@@ -289,7 +274,7 @@ def _fp16_scale(t: torch.Tensor, key: str, path) -> torch.Tensor:
 # ---------------------------------------------------------------------------- read
 def read(path: str | os.PathLike, progress: bool = False) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
     path = Path(path)
-    hf_cfg = _read_config(path)
+    hf_cfg = read_config_json(path)
     v1 = generation(hf_cfg) == "v1"
     c = config_from_chatglm(hf_cfg, str(path / "config.json"))
     src = read_state_dict(path)

@@ -20,28 +20,14 @@ from glm_core.errors import CheckpointError
 from glm_core.presets import PRESETS
 
 from .native import atomic_dir
-from .tensor_io import read_state_dict
+from .tensor_io import read_config_json, read_state_dict
 
 MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
 _GLM4_TOKENS = {k: v for k, v in PRESETS["glm-4-9b"].items() if k.endswith("_token_id")}
 
 
 def is_hf_glm(path: Path) -> bool:
-    return _hf_config(path, required=False).get("model_type") in MODEL_TYPES
-
-
-def _hf_config(path: Path, required=True) -> dict:
-    f = path / "config.json"
-    try:
-        return json.loads(f.read_text())
-    except FileNotFoundError:
-        if required:
-            raise CheckpointError("config.json not found", f) from None
-        return {}
-    except json.JSONDecodeError as e:
-        if required:
-            raise CheckpointError(f"not valid JSON ({e})", f) from None
-        return {}
+    return read_config_json(path, required=False).get("model_type") in MODEL_TYPES
 
 
 def config_from_hf(hf: dict, source: str) -> GLMConfig:
@@ -116,7 +102,7 @@ def _layer_map(c: GLMConfig) -> list[tuple[str, str]]:
 
 def read(path: str | os.PathLike, progress: bool = False) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
     path = Path(path)
-    c = config_from_hf(_hf_config(path), str(path / "config.json"))
+    c = config_from_hf(read_config_json(path), str(path / "config.json"))
     hf = read_state_dict(path)
     out: dict[str, torch.Tensor] = {}
 

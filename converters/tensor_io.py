@@ -5,7 +5,6 @@ Nothing here executes code from a checkpoint. Every failure names the file.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -36,6 +35,23 @@ def read_pickle(path: Path) -> dict:
                               path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"not a readable torch checkpoint (truncated or corrupt?): {e}", path) from None
+
+
+def read_config_json(directory: Path, required: bool = True) -> dict:
+    """``directory/config.json`` as a dict; with ``required=False`` a missing or invalid
+    file is ``{}`` (format detection), otherwise a CheckpointError naming it."""
+    f = directory / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except FileNotFoundError:
+        if required:
+            raise CheckpointError("config.json not found", f) from None
+        return {}
+    except json.JSONDecodeError as e:
+        if required:
+            raise CheckpointError(f"not valid JSON ({e})", f) from None
+        return {}
+    return d if isinstance(d, dict) else {}
 
 
 def shard_files(directory: Path, stem: str, ext: str) -> list[Path]:
@@ -73,14 +89,3 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
         out.update(part)
     return out
 
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def file_size(path) -> int:
-    return os.path.getsize(path)

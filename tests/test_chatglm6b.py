@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from converters import chatglm
+from converters.tensor_io import read_config_json
 from glm_core import load_model
 from glm_core.api import random_state
 from glm_core.masks import prefill_inputs
@@ -174,7 +175,7 @@ def test_config_and_tying(ckpt):
 
 def test_logits_match_reference_with_left_padding(ckpt):
     d, _ = ckpt
-    hfc = chatglm._read_config(d)
+    hfc = read_config_json(d)
     long = [100 + i for i in range(180)]  # positions up to 180: the fp16-rounded frequencies matter
     rows = [[20, 21, MASK, 22, 23, GMASK, SOP], [30, 31, 32, GMASK, SOP], [40, GMASK, SOP, 41, 42],
             long + [MASK, 7, GMASK, SOP, 8, 9]]
@@ -190,7 +191,7 @@ def test_logits_match_reference_with_left_padding(ckpt):
 
 def test_greedy_16_tokens_match_reference(ckpt):
     d, _ = ckpt
-    hfc = chatglm._read_config(d)
+    hfc = read_config_json(d)
     m = load_model(d, backend="cpu")
     for row in ([50, 51, MASK, 52, GMASK, SOP], [60, 61, 62, GMASK, SOP]):
         ref = reference_greedy(_files(d), hfc, row, 16)

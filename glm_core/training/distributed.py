@@ -32,7 +32,7 @@ from ..errors import GLMError
 from ..model import parameter_shapes
 from . import checkpoint
 from .collator import Batch
-from .optim import batch_size_at, clip_grads, lr_at, set_lr
+from .optim import batch_size_at
 from .trainer import Trainer
 
 
@@ -174,17 +174,4 @@ class ParallelTrainer(Trainer):
         dist.all_reduce(sq)
         sq /= t.dp  # every data-parallel replica holds the same gradients
         total, embed = math.sqrt(sq[0]), math.sqrt(sq[1])
-        overflow = not (math.isfinite(total) and math.isfinite(loss_value))
-        lr = lr_at(step, cfg.optim, cfg.steps)
-        if not overflow:
-            clip_grads(self.master.master, cfg.optim.clip_grad, total)
-            set_lr(self.opt, lr)
-            self.opt.step()
-            self.master.copy_to_model()
-        self.scaler.update(overflow)
-        self.step += 1
-        tokens = sum(b.n_tokens for b in micro)
-        dt = time.perf_counter() - t0
-        return {"step": self.step, "loss": loss_value, "grad_norm": total, "embed_grad_norm": embed,
-                "loss_scale": scale, "lr": lr, "batch_size": bs, "tokens": tokens, "tokens_per_s": tokens / dt,
-                "skipped": overflow}
+        return self._apply_step(loss_value, total, embed, scale, micro, bs, t0)

@@ -185,8 +185,15 @@ class Trainer:
             (loss * (w * scale)).backward()
             loss_value += float(loss.detach()) * w
         total, norms = self.master.unscale_grads(scale)
+        return self._apply_step(loss_value, total, norms.get("embed.weight", float("nan")), scale, micro, bs, t0)
+
+    def _apply_step(self, loss_value: float, total: float, embed: float, scale: float, micro, bs: int,
+                    t0: float) -> dict:
+        """Clip and step (or skip the step on an inf/NaN, as the loss scaler asks), advance
+        the scaler and the step counter; the step's log record."""
+        cfg = self.cfg
         overflow = not (math.isfinite(total) and math.isfinite(loss_value))
-        lr = lr_at(step, cfg.optim, cfg.steps)
+        lr = lr_at(self.step, cfg.optim, cfg.steps)
         if not overflow:
             clip_grads(self.master.master, cfg.optim.clip_grad, total)
             set_lr(self.opt, lr)
@@ -196,9 +203,9 @@ class Trainer:
         self.step += 1
         tokens = sum(b.n_tokens for b in micro)
         dt = time.perf_counter() - t0
-        return {"step": self.step, "loss": loss_value, "grad_norm": total,
-                "embed_grad_norm": norms.get("embed.weight", float("nan")), "loss_scale": scale, "lr": lr,
-                "batch_size": bs, "tokens": tokens, "tokens_per_s": tokens / dt, "skipped": overflow}
+        return {"step": self.step, "loss": loss_value, "grad_norm": total, "embed_grad_norm": embed,
+                "loss_scale": scale, "lr": lr, "batch_size": bs, "tokens": tokens, "tokens_per_s": tokens / dt,
+                "skipped": overflow}
 
     def fit(self, on_step: Callable[[dict], None] | None = None) -> list[dict]:
         cfg = self.cfg
