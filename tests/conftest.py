@@ -80,3 +80,25 @@ def left_padded_batch(vocab: int, lengths=(12, 7, 9), pad_id: int = 0, seed: int
         ids[b, T - n:] = torch.randint(2, vocab, (n,), generator=g)
         mask[b, T - n:] = 1
     return ids, mask
+
+
+def peaked_state(cfg, seed: int = 0, salt: int = 0) -> dict:
+    """Random native weights that make layout mistakes visible in the logits: biases and
+    norm gains off their defaults, QKV weights large enough for peaked attention (so
+    position and mask errors change the logits), and an output head of unit scale (the
+    embedding when tied). ``salt`` offsets the generator of the perturbations."""
+    from glm_core.api import random_state
+
+    g = torch.Generator().manual_seed(seed + salt)
+    head = "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    sd = random_state(cfg, seed)
+    for k, v in sd.items():
+        if k.endswith("bias"):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.1
+        elif "qkv.weight" in k:
+            sd[k] = torch.randn(v.shape, generator=g) * 0.3
+        elif "norm" in k:
+            sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
+        elif k == head:
+            sd[k] = torch.randn(v.shape, generator=g)
+    return sd

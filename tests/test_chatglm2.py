@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import transformers
 
 from converters import chatglm
 from converters.tensor_io import read_state_dict
@@ -20,22 +21,11 @@ from glm_core.api import random_state
 from glm_core.errors import CheckpointError
 from glm_core.presets import preset
 
-transformers = pytest.importorskip("transformers")
+from conftest import peaked_state
 
 
 def _weights(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed + 7)
-    sd = random_state(cfg, seed)
-    for k, v in sd.items():
-        if k.endswith("bias"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        elif "qkv.weight" in k:  # peaked attention: position and mask errors show in the logits
-            sd[k] = torch.randn(v.shape, generator=g) * 0.3
-        elif "norm" in k:
-            sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
-        elif k == "lm_head.weight":
-            sd[k] = torch.randn(v.shape, generator=g)
-    return sd
+    return peaked_state(cfg, seed, salt=7)
 
 
 def to_transformers(files: dict, hfc: dict):

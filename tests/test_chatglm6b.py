@@ -22,26 +22,16 @@ import torch.nn.functional as F
 from converters import chatglm
 from converters.tensor_io import read_config_json
 from glm_core import load_model
-from glm_core.api import random_state
 from glm_core.masks import prefill_inputs
 from glm_core.presets import preset
+
+from conftest import peaked_state
 
 MASK, GMASK, SOP, EOP, PAD = 130000, 130001, 130004, 130005, 3
 
 
 def _random_weights(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed + 1)
-    sd = random_state(cfg, seed)
-    for k, v in sd.items():  # non-trivial norms and biases, a peaked output head
-        if k.endswith("bias"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        elif "qkv.weight" in k:  # peaked attention: position and mask errors show in the logits
-            sd[k] = torch.randn(v.shape, generator=g) * 0.3
-        elif "norm" in k:
-            sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
-        elif k == "lm_head.weight":
-            sd[k] = torch.randn(v.shape, generator=g)
-    return sd
+    return peaked_state(cfg, seed, salt=1)
 
 
 @pytest.fixture(scope="module")

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from converters import sat
 from converters.tensor_io import read_pickle
 from glm_core import load_model
-from glm_core.api import random_state
 from glm_core.cli.main import main
 from glm_core.errors import CheckpointError
 from glm_core.presets import preset
+
+from conftest import peaked_state
 
 MASK, GMASK, SOP, EOS = 150000, 150001, 150004, 20002
 TINY_ARGS = ("--model-parallel-size 4 --num-layers 2 --hidden-size 64 --inner-hidden-size 96 --vocab-size 150528 "
@@ -30,18 +31,7 @@ TINY_ARGS = ("--model-parallel-size 4 --num-layers 2 --hidden-size 64 --inner-hi
 
 
 def _weights(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed + 11)
-    sd = random_state(cfg, seed)
-    for k, v in sd.items():
-        if k.endswith("bias"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.1
-        elif "qkv.weight" in k:  # peaked attention: position and mask errors show in the logits
-            sd[k] = torch.randn(v.shape, generator=g) * 0.3
-        elif "norm" in k:
-            sd[k] = 1 + torch.randn(v.shape, generator=g) * 0.1
-        elif k == "embed.weight":
-            sd[k] = torch.randn(v.shape, generator=g)  # tied: also the (peaked) output head
-    return sd
+    return peaked_state(cfg, seed, salt=11)
 
 
 @pytest.fixture(scope="module")
