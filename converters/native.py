@@ -52,6 +52,11 @@ def atomic_dir(dst: str | os.PathLike, overwrite: bool = False):
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
     try:
         yield tmp
+        # safetensors writes its files 0600 whatever the umask: a model converted by one
+        # account would be unreadable to the serving account. Give files the umask's mode.
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
         if dst.exists():
             old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
             dst.rename(old)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -124,3 +125,18 @@ def test_help_has_example(cmd):
     rc, out, _ = glmrt(cmd, "--help")
     assert rc == 0 and "example:" in out and "glmrt " + cmd in out
 
+
+
+def test_written_files_follow_the_umask(hf_dirs, tmp_path):
+    """safetensors creates its files 0600; a converted model must be readable as the umask says."""
+    from converters import native
+    from converters.detect import load_checkpoint
+
+    _, cfg, state, _ = load_checkpoint(hf_dirs["glm"])
+    old = os.umask(0o022)
+    try:
+        out = native.save(tmp_path / "out", cfg, state)
+    finally:
+        os.umask(old)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert modes == {name: 0o644 for name in modes} and "model.safetensors" in modes, modes
