@@ -10,7 +10,7 @@ ASSETS = Path(__file__).parent
 
 def default_model_dir() -> Path:
     """The bundled model ``glmrt generate`` uses when no model is given: ``glm-tiny``, a
-    1.9M-parameter GLM-130B-style model trained by ``glmrt train configs/glm-tiny.yaml``
+    2.9M-parameter GLM-130B-style model trained by ``glmrt train configs/glm-tiny.yaml``
     (see docs/training.md)."""
     d = ASSETS / "glm-tiny"
     if not (d / "config.json").is_file():
