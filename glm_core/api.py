@@ -52,7 +52,7 @@ class GLM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed.weight.device
+        return self.model.device
 
     def op_report(self) -> str:
         return self.model.ops.format_report()

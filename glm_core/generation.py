@@ -68,7 +68,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     stops = torch.tensor(sorted(set(s.stop_token_ids)), dtype=torch.long, device=dev)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     out = input_ids
-    dtype = model.embed.weight.dtype
+    dtype = model.dtype
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
 

@@ -207,6 +207,15 @@ class GLMModel(nn.Module):
         self.rotary = Rotary(c, device=device)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """What activations and the KV cache are computed in (the weights' dtype)."""
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
 

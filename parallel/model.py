@@ -27,14 +27,6 @@ from .pipeline import partition_layers
 from .topology import Topology
 
 
-class _EmptyEmbed(nn.Module):
-    """Off the first stage: an empty weight that only tells callers the dtype and device."""
-
-    def __init__(self, dtype, device):
-        super().__init__()
-        self.register_buffer("weight", torch.empty(0, dtype=dtype, device=device), persistent=False)
-
-
 class ParallelModel(nn.Module):
     """This rank's pipeline stage of a GLM model, tensor-parallel (see the module docstring)."""
 
@@ -54,12 +46,12 @@ class ParallelModel(nn.Module):
         self.layer_ids = list(range(lo, hi))
         self.first, self.last = topo.is_first_stage, topo.is_last_stage
         w = model.embed.weight
+        # as GLMModel.dtype/.device, also on stages that hold no embedding (built in place, never moved)
+        self.dtype, self.device = model.dtype, model.device
         self.vocab_start = r * (tpar.padded_vocab(c.vocab_size, tp) // tp)
         embed_w = tpar.shard("embed.weight", w.data, c, tp, r)
         if self.first:
             self.embed = tpar.VocabParallelEmbedding(model.ops, embed_w, self.vocab_start, group)
-        else:
-            self.embed = _EmptyEmbed(w.dtype, w.device)
         self.layers = nn.ModuleDict()
         for i in self.layer_ids:
             block = model.layers[i]
@@ -104,7 +96,7 @@ class ParallelModel(nn.Module):
             return self.stage_forward(input_ids, position_ids, mask, cache, start, last_only, gather)
         B, T = input_ids.shape
         H = self.global_config.hidden_size
-        dtype, dev = self.embed.weight.dtype, input_ids.device
+        dtype, dev = self.dtype, input_ids.device
         t = self.topo
         if self.first:
             x = input_ids

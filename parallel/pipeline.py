@@ -89,7 +89,7 @@ class PipelineTrainer:
             from .data import wrap_ddp
 
             sub = wrap_ddp(self.module, t)
-        device = pmodel.embed.weight.device
+        device = pmodel.device
         self.stage = PipelineStage(sub, t.pp_rank, t.pp, device, group=t.pp_group)
         cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
         self.schedule = cls(self.stage, microbatches, loss_fn=self._loss)

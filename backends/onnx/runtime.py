@@ -27,7 +27,6 @@ import os
 import tempfile
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -169,15 +168,17 @@ class OnnxSession:
 class OnnxRunner:
     """An export behind GLMModel's forward signature (see the module docstring).
 
-    ``embed.weight`` is a zero-size fp32 host tensor: the generation loop reads the cache
-    dtype and device from it, and those are the graph's (fp32 activations, host memory).
-    ``ops`` is the :class:`OnnxSession`, whose ``format_report`` is the op report.
+    ``dtype`` and ``device`` (what the generation loop allocates the KV cache with) are the
+    graph's: fp32 activations in host memory. ``ops`` is the :class:`OnnxSession`, whose
+    ``format_report`` is the op report.
     """
+
+    dtype = torch.float32
+    device = torch.device("cpu")
 
     def __init__(self, session: OnnxSession):
         self.ops = session
         self.config = session.info.config
-        self.embed = SimpleNamespace(weight=torch.empty(0, dtype=torch.float32))
         tok = session.info.tokenizer
         self.tokenizer_path = None if tok is None else str(tok)
 

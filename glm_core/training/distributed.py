@@ -137,7 +137,7 @@ class ParallelTrainer(Trainer):
         t0 = time.perf_counter()
         bs = batch_size_at(step, cfg.optim)
         mb = cfg.optim.micro_batch_size
-        dev = self.model.embed.weight.device
+        dev = self.model.device
         micro = [self.collator.next_batch(mb).to(dev) for _ in range(bs // mb)]
         n_all = sum(b.n_targets for b in micro)
         lo, hi = t.dp_rank * mb // t.dp, (t.dp_rank + 1) * mb // t.dp

@@ -68,7 +68,7 @@ def batch_loss(model: GLMModel, batch: Batch) -> torch.Tensor:
 def evaluate(model: GLMModel, make_collator: Callable[[], Collator], batches: int, micro: int) -> dict:
     """Held-out loss per objective and overall (token-weighted), on a fixed set of batches."""
     col = make_collator()
-    dev = model.embed.weight.device
+    dev = model.device
     sums: dict[str, list[float]] = {}
     for _ in range(batches):
         for b in _rows(col.next_batch(micro).to(dev)):
@@ -104,7 +104,7 @@ class Trainer:
         self.extra_state = extra_state or {}
         self.progress = progress
         want = PRECISIONS[cfg.precision]
-        have = model.embed.weight.dtype
+        have = model.dtype
         if have != want:
             raise GLMError(f"precision {cfg.precision} needs a {want} model, the model's parameters are {have}")
         shrink_embedding_gradient(model.ops, cfg.embed_grad_alpha)
@@ -171,7 +171,7 @@ class Trainer:
         cfg, step = self.cfg, self.step
         t0 = time.perf_counter()
         bs = batch_size_at(step, cfg.optim)
-        dev = self.model.embed.weight.device
+        dev = self.model.device
         micro = [self.collator.next_batch(cfg.optim.micro_batch_size).to(dev)
                  for _ in range(bs // cfg.optim.micro_batch_size)]
         n_targets = sum(b.n_targets for b in micro)
