@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 
-from .kv_cache import KVCache
 from .masks import decode_inputs, prefill_inputs
 
 
@@ -54,7 +53,8 @@ def next_tokens(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator | 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: SamplingConfig,
              pad_token_id: int, use_cache: bool = True,
              stream: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Return [B, T + n] ids, n <= max_new_tokens. ``model`` is a :class:`GLMModel`.
+    """Return [B, T + n] ids, n <= max_new_tokens. ``model`` is a :class:`GLMModel` or
+    anything with its forward signature, ``config`` and ``new_cache``.
 
     ``stream`` is called with the [B] tensor of new tokens after every step.
     """
@@ -68,12 +68,11 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     stops = torch.tensor(sorted(set(s.stop_token_ids)), dtype=torch.long, device=dev)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     out = input_ids
-    dtype = model.dtype
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
 
     if use_cache:
-        cache = KVCache.for_config(cfg, B, T + s.max_new_tokens, dtype, dev)
+        cache = model.new_cache(B, T + s.max_new_tokens)
         pos, mask, state = prefill_inputs(cfg, input_ids, attention_mask)
         logits = model(input_ids, pos, mask, cache=cache, start=0, last_only=True)[:, -1].float()
     for step in range(s.max_new_tokens):

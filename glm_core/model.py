@@ -215,6 +215,10 @@ class GLMModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for generation of up to ``max_len`` positions."""
+        return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device)
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight

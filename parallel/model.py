@@ -5,8 +5,8 @@ layers of the rank's stage are the graph's own :class:`Block` modules with their
 swapped for TP versions (:mod:`parallel.tensor`); the embedding and output projection
 become vocab-parallel. Its ``forward`` has the signature of ``GLMModel.forward`` and
 returns full logits on every rank, so :func:`glm_core.generation.generate` runs on it
-unchanged (its KV cache, sized from ``.config``, holds the rank's heads; with PP every
-stage allocates it for all layers but fills only its own). Between pipeline stages the hidden state travels by point-to-point sends
+unchanged (:meth:`ParallelModel.new_cache` holds the rank's heads of the stage's layers).
+Between pipeline stages the hidden state travels by point-to-point sends
 (inference) or through torch's pipelining schedules (training, :mod:`parallel.pipeline`).
 
 Parameter names are the native ones (``embed.weight``, ``layers.{i}.…``,
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from glm_core.kv_cache import KVCache
 from glm_core.model import GLMModel
 
 from . import tensor as tpar
@@ -71,6 +72,10 @@ class ParallelModel(nn.Module):
         self.rotary = model.rotary
 
     # ------------------------------------------------------------------ forward
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for this stage's layers and this rank's KV heads (see GLMModel.new_cache)."""
+        return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device, layers=self.layer_ids)
+
     def stage_forward(self, x, position_ids, mask, cache=None, start: int = 0, last_only: bool = False,
                       gather: bool = True):
         """This stage's part of ``GLMModel.forward``: ids (first stage) or hidden in, hidden

@@ -33,6 +33,7 @@ import torch
 
 from converters.onnx import layout
 from glm_core.errors import BackendError, CheckpointError
+from glm_core.kv_cache import KVCache
 
 log = logging.getLogger("backends.onnx")
 ENV_PROVIDERS = "GLM_ONNX_PROVIDERS"
@@ -181,6 +182,10 @@ class OnnxRunner:
         self.config = session.info.config
         tok = session.info.tokenizer
         self.tokenizer_path = None if tok is None else str(tok)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """The KV cache generation keeps between calls; fed back to the graph as past keys/values."""
+        return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                  cache=None, start: int = 0, last_only: bool = False) -> torch.Tensor:

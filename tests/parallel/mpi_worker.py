@@ -5,7 +5,8 @@ built from the same weights in the same process:
 
 * forward logits (full logits on every rank);
 * one training step: loss, and the gathered gradients of every parameter;
-* greedy generation: tokens equal to the single-process ones and equal on every rank.
+* greedy generation: tokens equal to the single-process ones and equal on every rank; the
+  KV cache of a pipeline stage holds that stage's layers only.
 
 Tolerances (fp32): logits and loss ``|x - ref| <= 2e-5 + 1e-4 |ref|``; gradients
 ``|g - ref| <= 1e-6 + 1e-4 |ref|`` (their scale is ~1e-3). The parallel model computes
@@ -98,6 +99,8 @@ def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
     every = [torch.empty_like(got_tok) for _ in range(topo.world_size)]
     dist.all_gather(every, got_tok)
     ok_tokens = torch.equal(got_tok, want_tok) and all(torch.equal(e, got_tok) for e in every)
+    # a stage's KV cache holds its own layers only
+    ok_cache = sorted(pm.new_cache(1, 4).k) == pm.layer_ids == list(range(*pm.bounds[topo.pp_rank]))
 
     # ---- one training step: reference on the full batch
     ref.requires_grad_(True)
@@ -138,9 +141,10 @@ def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
                     ok_grads = False
                     res.setdefault("bad_grads", []).append(k)
         res["grad_err"] = worst
-    flags = torch.tensor([ok_logits, ok_tokens, ok_loss, ok_grads], dtype=torch.int)
+    flags = torch.tensor([ok_logits, ok_tokens, ok_loss, ok_grads, ok_cache], dtype=torch.int)
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    res.update(logits=bool(flags[0]), tokens=bool(flags[1]), loss=bool(flags[2]), grads=bool(flags[3]))
+    res.update(logits=bool(flags[0]), tokens=bool(flags[1]), loss=bool(flags[2]), grads=bool(flags[3]),
+               cache=bool(flags[4]))
     res["subgroup_s"] = topo.creation_s
     return res
 

@@ -44,7 +44,7 @@ def _check(p, results, expected: int):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert len(results) == expected, p.stdout[-3000:]
     for r in results:
-        assert all(r.get(k, True) for k in ("logits", "tokens", "loss", "grads")), r
+        assert all(r.get(k, True) for k in ("logits", "tokens", "loss", "grads", "cache")), r
 
 
 @pytest.fixture(scope="module")
