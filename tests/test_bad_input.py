@@ -126,7 +126,6 @@ def test_help_has_example(cmd):
     assert rc == 0 and "example:" in out and "glmrt " + cmd in out
 
 
-
 def test_written_files_follow_the_umask(hf_dirs, tmp_path):
     """safetensors creates its files 0600; a converted model must be readable as the umask says."""
     from converters import native
