@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from backends.cuda.plugin import CUDABackend
+from backends.rocm import plugin as rocm_plugin
 from backends.rocm.plugin import DCUBackend, ROCmBackend
 from backends.triton.tuning import lookup
 from glm_core.errors import BackendError
@@ -79,8 +80,8 @@ def test_dcu_needs_dtk_and_outranks_rocm_there(fake_gpu, monkeypatch, tmp_path):
     fake_gpu(hip="5.7.24164", count=1)
     for v in ("DTK_HOME", "ROCM_PATH"):
         monkeypatch.delenv(v, raising=False)
-    if os.path.isdir("/opt/dtk"):
-        pytest.skip("a real DTK is installed here")
+    # a machine with a real DTK at the default place must not see it here
+    monkeypatch.setattr(rocm_plugin, "DEFAULT_DTK", str(tmp_path / "no-dtk"))
     p = DCUBackend().probe()
     assert not p.available and "no Hygon DTK install was found" in p.reason and "--backend rocm" in p.reason
     dtk = tmp_path / "dtk-24.04"

@@ -35,9 +35,12 @@ def _hip_problem(label: str) -> str | None:
             f"build of torch")
 
 
+DEFAULT_DTK = "/opt/dtk"  # where DTK's installer puts it
+
+
 def dtk_root() -> Path | None:
     """Hygon DTK install: $DTK_HOME, a ROCM_PATH naming dtk, or /opt/dtk."""
-    for cand in (os.environ.get("DTK_HOME"), os.environ.get("ROCM_PATH"), "/opt/dtk"):
+    for cand in (os.environ.get("DTK_HOME"), os.environ.get("ROCM_PATH"), DEFAULT_DTK):
         if cand and "dtk" in cand.lower() and Path(cand).is_dir():
             return Path(cand)
     return None
