@@ -1,2 +1,2 @@
-"""In-tree backend plugins. Each is registered through the ``glm_core.backends`` entry-point
+"""In-tree backend plugins. Each is registered through the ``glm_runtime.backends`` entry-point
 group in pyproject.toml, exactly as a third-party package would register its own."""

@@ -78,7 +78,7 @@ class HFRunner:
 
 class GLMRunner:
     def __init__(self, d, backend="cpu", name=None):
-        from glm_core import load_model
+        from glm_runtime import load_model
 
         self.m = load_model(d, backend=backend)
         self.name = name or f"glm-runtime[{backend}]"
@@ -149,8 +149,8 @@ def main():
         wbytes = 4 * sum(n for k, n in sizes.items() if "embed_tokens" not in k)
         runners = [HFRunner(d), GLMRunner(d, "cpu")]
         # weight-only INT8 / INT4 (GLM-130B scheme) of the same weights, on the cpu low-bit kernels
-        from converters import hf, native
-        from converters.quantize import quantize_state
+        from glm_runtime.converters import hf, native
+        from glm_runtime.converters.quantize import quantize_state
 
         wbytes_of = {}
         for bits in (8, 4):
@@ -160,7 +160,7 @@ def main():
             wbytes_of[runners[-1].name] = sum(t.numel() * t.element_size() for k, t in qs.items()
                                               if k != "embed.weight")
         # the onnx backend: an ONNX export of the same weights (fp32 graph) on onnxruntime's CPU provider
-        from converters.onnx.export import export_checkpoint
+        from glm_runtime.converters.onnx.export import export_checkpoint
 
         export_checkpoint(d, Path(tmp) / "onnx", progress=False)
         runners.append(GLMRunner(Path(tmp) / "onnx", "onnx"))

@@ -3,7 +3,7 @@
 Three measurements (all on one host; rerun with ``python benchmarks/init_scaling.py``):
 
 1. ``full``: N real ranks under ``mpiexec``, each importing torch before the clock starts,
-   then timed phase by phase with the bootstrap of :mod:`parallel.bootstrap` (MPI discovery
+   then timed phase by phase with the bootstrap of :mod:`glm_runtime.parallel.bootstrap` (MPI discovery
    with the shared-memory split, rank 0's libuv TCPStore on port 0 broadcast over MPI,
    arrival barrier, gloo process group up to its first barrier, TP x DP x PP subgroups from
    a DeviceMesh). Same N, same phases with torchrun-style ``env://`` rendezvous (a port
@@ -77,8 +77,8 @@ def _rank_main(mode: str, repeats: int) -> None:
     import torch.distributed as dist
     from mpi4py import MPI
 
-    from parallel import bootstrap
-    from parallel.topology import Topology
+    from glm_runtime.parallel import bootstrap
+    from glm_runtime.parallel.topology import Topology
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
@@ -130,8 +130,8 @@ def _connections_main() -> None:
     import torch.distributed as dist
     from mpi4py import MPI
 
-    from parallel import bootstrap
-    from parallel.topology import Topology
+    from glm_runtime.parallel import bootstrap
+    from glm_runtime.parallel.topology import Topology
 
     def sockets() -> int:
         n = 0

@@ -2,7 +2,7 @@
 
 Run with ``mpiexec -n P python benchmarks/pipeline_bubble.py`` (P pipeline stages, one
 rank each). For every schedule and micro-batch count it times full training steps and
-one micro-batch's forward+backward of each stage alone (:func:`parallel.pipeline.measure_bubble`)
+one micro-batch's forward+backward of each stage alone (:func:`glm_runtime.parallel.pipeline.measure_bubble`)
 and prints one JSON line per stage from rank 0; ``--out`` writes them (and a PNG next to it).
 """
 from __future__ import annotations
@@ -18,13 +18,14 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from glm_core.api import build_model, random_state  # noqa: E402
-from glm_core.masks import prefill_inputs  # noqa: E402
-from glm_core.presets import preset  # noqa: E402
-from glm_core.registry import get_backend  # noqa: E402
-from parallel import bootstrap  # noqa: E402
-from parallel.api import parallelize, topology  # noqa: E402
-from parallel.pipeline import PipelineTrainer, measure_bubble  # noqa: E402
+from glm_runtime.core.build import build_model, random_state  # noqa: E402
+from glm_runtime.core.masks import prefill_inputs  # noqa: E402
+from glm_runtime.core.presets import preset  # noqa: E402
+from glm_runtime.core.registry import get_backend  # noqa: E402
+from glm_runtime.parallel import bootstrap  # noqa: E402
+from glm_runtime.parallel.model import ParallelModel
+from glm_runtime.parallel.pipeline import PipelineTrainer, measure_bubble  # noqa: E402
+from glm_runtime.parallel.topology import get_topology  # noqa: E402
 
 
 def main():
@@ -42,7 +43,7 @@ def main():
     p = ctx.world_size
     cfg = preset("tiny-chatglm2", vocab_size=4096, hidden_size=256, num_heads=8, num_kv_heads=2, head_dim=32,
                  ffn_hidden_size=768, num_layers=args.layers_per_stage * p)
-    topo = topology(1, p, 1, backend)
+    topo = get_topology(1, p, 1, backend)
     state = random_state(cfg, seed=0)
     rows = []
     with bootstrap.fail_fast("pipeline bubble benchmark"):
@@ -50,7 +51,7 @@ def main():
             for m in (int(x) for x in args.microbatches.split(",")):
                 if schedule == "1f1b" and m < p:  # 1F1B needs a micro-batch per stage in flight
                     continue
-                pm = parallelize(build_model(cfg, state, backend), topo, backend=backend)
+                pm = ParallelModel(build_model(cfg, state, backend), topo, backend=backend)
                 pm.requires_grad_(True)
                 trainer = PipelineTrainer(pm, microbatches=m, schedule=schedule)
                 g = torch.Generator().manual_seed(0)

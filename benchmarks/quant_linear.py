@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from backends.cpu.quant_kernels import _prepare, quantized_linear  # noqa: E402
-from glm_core.ops.reference import quantized_linear as reference_quantized_linear  # noqa: E402
-from glm_core.quant import quantize  # noqa: E402
+from glm_runtime.backends.cpu.quant_kernels import _prepare, quantized_linear  # noqa: E402
+from glm_runtime.core.ops.reference import quantized_linear as reference_quantized_linear  # noqa: E402
+from glm_runtime.core.quant import quantize  # noqa: E402
 
 SHAPES = {"qkv": (4608, 4096), "dense": (4096, 4096), "fc1": (27392, 4096), "fc2": (4096, 13696)}
 

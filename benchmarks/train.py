@@ -29,16 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from glm_core.api import build_model  # noqa: E402
-from glm_core.cli.common import read_run_config  # noqa: E402
-from glm_core.config import GLMConfig  # noqa: E402
-from glm_core.presets import PRESETS  # noqa: E402
-from glm_core.registry import get_backend  # noqa: E402
-from glm_core.training.collator import Collator, ObjectiveConfig, SpecialIds  # noqa: E402
-from glm_core.training.data import TokenStream  # noqa: E402
-from glm_core.training.optim import OptimConfig  # noqa: E402
-from glm_core.training.stability import deepnorm_state  # noqa: E402
-from glm_core.training.trainer import TrainConfig, Trainer  # noqa: E402
+from glm_runtime.cli.common import read_run_config  # noqa: E402
+from glm_runtime.core.build import build_model  # noqa: E402
+from glm_runtime.core.config import GLMConfig  # noqa: E402
+from glm_runtime.core.presets import PRESETS  # noqa: E402
+from glm_runtime.core.registry import get_backend  # noqa: E402
+from glm_runtime.training.collator import Collator, ObjectiveConfig, SpecialIds  # noqa: E402
+from glm_runtime.training.data import TokenStream  # noqa: E402
+from glm_runtime.training.optim import OptimConfig  # noqa: E402
+from glm_runtime.training.stability import deepnorm_state  # noqa: E402
+from glm_runtime.training.trainer import TrainConfig, Trainer  # noqa: E402
 
 
 def matmul_peak(n: int, iters: int = 10) -> float:

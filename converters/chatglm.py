@@ -33,15 +33,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glm_core.config import GLMConfig
-from glm_core.errors import CheckpointError
-from glm_core.presets import PRESETS
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.presets import PRESETS
 
 from .native import atomic_dir
 from .quantize import LINEARS as QUANT_LINEARS
 from .tensor_io import read_config_json, read_state_dict
 
-log = logging.getLogger("converters.chatglm")
+log = logging.getLogger("glm_runtime.converters.chatglm")
 
 _AUTO_MAP_V1 = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",

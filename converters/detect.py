@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from glm_core.errors import CheckpointError
+from glm_runtime.core.errors import CheckpointError
 
 from . import chatglm, hf, native, sat
 

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from glm_core.config import GLMConfig
-from glm_core.errors import CheckpointError
-from glm_core.presets import PRESETS
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.presets import PRESETS
 
 from .native import atomic_dir
 from .tensor_io import read_config_json, read_state_dict

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glm_core.config import GLMConfig
-from glm_core.errors import CheckpointError, GLMError
-from glm_core.model import parameter_shapes
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import CheckpointError, GLMError
+from glm_runtime.core.model import parameter_shapes
 
 from .tensor_io import read_safetensors
 

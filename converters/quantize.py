@@ -3,20 +3,20 @@
 Only the four per-layer linears are quantized (``attn.qkv``, ``attn.dense``, ``mlp.fc1``,
 ``mlp.fc2``), as the authors' code does; embeddings, the output layer, norms and biases
 keep their dtype. Each ``...weight`` becomes ``...qweight`` (int8, or two int4 per byte)
-plus ``...scale`` (fp16, one per output row); see :mod:`glm_core.quant`.
+plus ``...scale`` (fp16, one per output row); see :mod:`glm_runtime.core.quant`.
 
 Quantizing is done on the full (unsplit) weights, so a quantized native checkpoint is
 independent of any tensor-parallel degree (GLM-130B's own quantized files are per TP rank;
-see converters.sat).
+see glm_runtime.converters.sat).
 """
 from __future__ import annotations
 
 import torch
 from tqdm import tqdm
 
-from glm_core.config import GLMConfig
-from glm_core.errors import GLMError
-from glm_core.quant import dequantize, quantize
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import GLMError
+from glm_runtime.core.quant import dequantize, quantize
 
 LINEARS = ("attn.qkv", "attn.dense", "mlp.fc1", "mlp.fc2")
 

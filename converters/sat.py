@@ -2,8 +2,9 @@
 
 A SAT directory holds ``latest`` (a text file naming the iteration) and
 ``<iteration>/mp_rank_XX_model_states.pt``, one torch pickle per tensor-parallel rank with
-the rank's state dict under ``"module"``. The split rules per key (GLM-130B's
-``tools/convert_tp.py``):
+the rank's state dict under ``"module"``. The split of each key is GLM-130B's
+``tools/convert_tp.py``, which is our own tensor-parallel layout
+(:mod:`glm_runtime.core.sharding` does both):
 
 =====================================  =============================================
 word_embeddings.weight                 rows (vocab-parallel), V/T each
@@ -41,14 +42,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glm_core.config import GLMConfig
-from glm_core.errors import CheckpointError, GLMError
-from glm_core.presets import PRESETS, preset
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import CheckpointError, GLMError
+from glm_runtime.core.model import parameter_shapes
+from glm_runtime.core.presets import PRESETS, preset
+from glm_runtime.core.sharding import shard, split_kind, unshard
 
 from .native import atomic_dir
 from .tensor_io import read_pickle
 
-log = logging.getLogger("converters.sat")
+log = logging.getLogger("glm_runtime.converters.sat")
 _RANK_RE = re.compile(r"^mp_rank_(\d\d)_model_states\.pt$")
 QUANT_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
@@ -153,51 +156,6 @@ def config_from_sat_args(sat_args: str) -> tuple[GLMConfig, dict]:
     return c, {"tp": args.model_parallel_size}
 
 
-# ------------------------------------------------------------------------ split rules
-def _rule(key: str, c: GLMConfig) -> str:
-    """'rep', 'row' (dim 0), 'col' (dim 1) or 'glu' (GLU-aware dim 0) for a SAT key."""
-    if key.endswith("word_embeddings.weight") or "query_key_value" in key:
-        return "row"
-    if "dense_h_to_4h" in key:
-        return "glu" if c.gated else "row"
-    if key.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-        return "col"
-    if key.endswith(("attention.dense.weight_scale", "dense_4h_to_h.weight_scale")):
-        return "rowscale"  # per-rank scales of a row-parallel quantized weight
-    if key.endswith("_scale"):
-        return "row"
-    return "rep"
-
-
-def split(t: torch.Tensor, rule: str, tp: int) -> list[torch.Tensor]:
-    if rule in ("rep", "rowscale"):
-        return [t] * tp
-    if rule == "row":
-        return [x.clone() for x in t.chunk(tp, 0)]
-    if rule == "col":
-        return [x.clone() for x in t.chunk(tp, 1)]
-    a, g = t.chunk(2, 0)
-    return [torch.cat((x, y)) for x, y in zip(a.chunk(tp, 0), g.chunk(tp, 0))]
-
-
-def merge(parts: list[torch.Tensor], rule: str, key: str, where) -> torch.Tensor:
-    if rule == "rep":
-        if any(not torch.equal(p, parts[0]) for p in parts[1:]):
-            raise CheckpointError(f"{key} should be replicated across ranks but differs", where)
-        return parts[0]
-    if rule == "row":
-        return torch.cat(parts, 0)
-    if rule == "col":
-        return torch.cat(parts, 1)
-    if rule == "rowscale":
-        if len(parts) > 1:
-            raise CheckpointError("quantized SAT checkpoints are tensor-parallel specific (row-parallel layers have "
-                                  "one scale per rank slice): only TP 1 can be read; re-quantize from fp16", where)
-        return parts[0]
-    halves = [p.chunk(2, 0) for p in parts]
-    return torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
-
-
 def _sat_keys(c: GLMConfig) -> list[tuple[str, str]]:
     pairs = [("transformer.word_embeddings.weight", "embed.weight"),
              ("transformer.final_layernorm.weight", "final_norm.weight"),
@@ -245,6 +203,10 @@ def read(path: str | os.PathLike, sat_args: str | None = None,
                 else " (these are transformers weights)" if any(k.startswith("model.") for k in m) else ""
             raise CheckpointError(f"not a GLM-130B SAT rank: no transformer.layers.0.attention.query_key_value"
                                   f"{hint}", files[r])
+    if c.quantization_bits and tp > 1:
+        raise CheckpointError("quantized SAT checkpoints are tensor-parallel specific (row-parallel layers have one "
+                              "scale per rank slice): only TP 1 can be read; re-quantize from fp16", path)
+    shapes = parameter_shapes(c)
     out = {}
     for a, b in _sat_keys(c):
         parts = []
@@ -253,7 +215,19 @@ def read(path: str | os.PathLike, sat_args: str | None = None,
                 raise CheckpointError(f"rank state lacks {a!r} (incomplete checkpoint, or sat-args describe another "
                                       f"model)", files[r])
             parts.append(m.pop(a))
-        t = merge(parts, _rule(a, c), a, files[0].parent)
+            if b != "embed.weight":  # its row count is checked below, with what that count means
+                want = tuple(shard(b, torch.empty(shapes[b][0], device="meta"), c, tp, r).shape)
+                if tuple(parts[-1].shape) != want:
+                    raise CheckpointError(f"{a} has shape {list(parts[-1].shape)}; the SAT arguments give "
+                                          f"{list(want)} per rank", files[r])
+        if split_kind(b)[0] == "replicated" and any(not torch.equal(p, parts[0]) for p in parts[1:]):
+            raise CheckpointError(f"{a} should be replicated across ranks but differs", files[0].parent)
+        rows = sum(p.shape[0] for p in parts)
+        if b == "embed.weight" and rows != c.vocab_size:
+            raise CheckpointError(f"the {tp} rank file(s) hold {rows} vocabulary rows, the SAT arguments say "
+                                  f"--vocab-size {c.vocab_size}: a rank file is missing (give --model-parallel-size) "
+                                  f"or the arguments are wrong", files[0].parent)
+        t = unshard(b, parts, c, tp)
         if b.endswith(".scale"):
             t = t.to(torch.float16)
         out[b] = t
@@ -261,11 +235,6 @@ def read(path: str | os.PathLike, sat_args: str | None = None,
         if m:
             raise CheckpointError(f"unexpected key {sorted(m)[0]!r}{f' and {len(m) - 1} more' if len(m) > 1 else ''}"
                                   f" for the model the sat-args describe", files[r])
-    emb = out["embed.weight"]
-    if emb.shape[0] != c.vocab_size:
-        raise CheckpointError(f"the {tp} rank file(s) hold {emb.shape[0]} vocabulary rows, the SAT arguments say "
-                              f"--vocab-size {c.vocab_size}: a rank file is missing (give --model-parallel-size) or "
-                              f"the arguments are wrong", files[0].parent)
     return c, out
 
 
@@ -280,12 +249,7 @@ def shard_state(c: GLMConfig, state: dict[str, torch.Tensor], tp: int) -> list[d
                     (c.hidden_size, "hidden_size")):
         if n % tp:
             raise GLMError(f"--tp {tp} does not divide {what}={n}")
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
-    for a, b in _sat_keys(c):
-        t = state[b]
-        for r, part in enumerate(split(t, _rule(a, c), tp)):
-            ranks[r][a] = part
-    return ranks
+    return [{a: shard(b, state[b], c, tp, r) for a, b in _sat_keys(c)} for r in range(tp)]
 
 
 def write(dst: str | os.PathLike, c: GLMConfig, state: dict[str, torch.Tensor], tp: int = 1,

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from glm_core.errors import CheckpointError
+from glm_runtime.core.errors import CheckpointError
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

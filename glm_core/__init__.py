@@ -1,9 +1,7 @@
-"""glm-runtime core: the backend-neutral GLM graph, its op contract, backend registry,
-generation and the Python API."""
-from .api import GLM, load_model
-from .config import GLMConfig
-from .errors import BackendError, CheckpointError, GLMError
-from .presets import PRESETS, preset
+"""The backend-neutral core (``glm_runtime.core``): configuration and presets, the one GLM
+graph, the op contract, the backend registry, masks and positions, the KV cache,
+generation, tokenizers, chat prompts and the quantization scheme.
 
-__all__ = ["GLM", "GLMConfig", "GLMError", "BackendError", "CheckpointError", "PRESETS", "load_model", "preset"]
-__version__ = "0.1.0"
+It imports nothing from the layers above it (converters, parallel, backends, the
+application); ``glm_runtime.load_model`` puts them together.
+"""

@@ -1,6 +1,6 @@
 """GLMConfig: one description for every published GLM generation.
 
-The graph in :mod:`glm_core.model` reads only these fields; nothing in it branches on a
+The graph in :mod:`glm_runtime.core.model` reads only these fields; nothing in it branches on a
 family name. Each switch corresponds to one architectural difference documented in the
 GLM papers and code (see docs/architecture.md):
 
@@ -83,7 +83,7 @@ class GLMConfig:
     mask_value: float | None = None
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
-    # Weight-only quantization of the per-layer linears (None, 8 or 4); see glm_core.quant.
+    # Weight-only quantization of the per-layer linears (None, 8 or 4); see glm_runtime.core.quant.
     quantization_bits: int | None = None
     # special tokens
     pad_token_id: int | None = None

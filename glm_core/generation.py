@@ -74,11 +74,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if use_cache:
         cache = model.new_cache(B, T + s.max_new_tokens)
         pos, mask, state = prefill_inputs(cfg, input_ids, attention_mask)
-        logits = model(input_ids, pos, mask, cache=cache, start=0, last_only=True)[:, -1].float()
+        last = torch.tensor([T - 1], device=dev)
+        logits = model(input_ids, pos, mask, cache=cache, start=0, logits_index=last)[:, -1].float()
     for step in range(s.max_new_tokens):
         if not use_cache:  # recompute the whole sequence: the reference for the cached path
             pos, mask = full_inputs(cfg, input_ids, attention_mask, out.shape[1] - T)
-            logits = model(out, pos, mask, last_only=True)[:, -1].float()
+            last = torch.tensor([out.shape[1] - 1], device=dev)
+            logits = model(out, pos, mask, logits_index=last)[:, -1].float()
         tok = next_tokens(logits, s, gen)
         tok = torch.where(unfinished, tok, torch.full_like(tok, pad_token_id))
         out = torch.cat((out, tok[:, None]), 1)
@@ -90,7 +92,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             break
         if use_cache:
             pos, mask = decode_inputs(state)
-            logits = model(tok[:, None], pos, mask, cache=cache, start=T + step, last_only=True)[:, -1].float()
+            logits = model(tok[:, None], pos, mask, cache=cache, start=T + step)[:, -1].float()
     return out
 
 

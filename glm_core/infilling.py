@@ -8,7 +8,7 @@
 2. The mask kind to fill is [MASK] if present, else [sMASK], else [gMASK]. While one of
    that kind remains: the sequence plus ``<sop>`` is the prompt (the context is attended
    bidirectionally, the span causally; the span's positions are the blank's position for
-   [MASK]/[sMASK] and continue after the context for [gMASK] — :mod:`glm_core.masks`
+   [MASK]/[sMASK] and continue after the context for [gMASK] — :mod:`glm_runtime.core.masks`
    builds both from the ids), decoding stops at ``<eop>`` or an eos, and the first
    remaining mask token is replaced by the generated span. Several [MASK]s are thus
    filled left to right, each seeing the spans filled before it; the KV cache is rebuilt
@@ -23,8 +23,8 @@ def fill_blanks(m, tok, text: str, max_new_tokens: int = 32, do_sample: bool = F
                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> str:
     """The text with every blank of the chosen kind filled (special tokens dropped).
 
-    ``m`` is a :class:`glm_core.api.GLM` of a prefix-attention family, ``tok`` its
-    :class:`glm_core.tokenizer.Tokenizer`.
+    ``m`` is a :class:`glm_runtime.api.GLM` of a prefix-attention family, ``tok`` its
+    :class:`glm_runtime.core.tokenizer.Tokenizer`.
     """
     ids, kind = infill_prompt(m.config, tok, text)
     stops = sorted({m.config.eop_token_id, *m.config.eos_token_ids} - {None})

@@ -20,6 +20,11 @@ Parameter names are the native checkpoint's keys::
     lm_head.weight                            absent when tied to embed.weight
 
 A quantized linear stores ``qweight`` (int8) and ``scale`` instead of ``weight``.
+
+The forward pass is written once, here: a pipeline stage (:mod:`glm_runtime.parallel`) is
+this module with the other stages' layers removed and, where the stage does not hold
+them, no embedding (it takes hidden states in) or no final norm and head (it gives hidden
+states out); the ONNX export traces this forward with a cache that concatenates.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from torch import nn
 from .config import GLMConfig
 from .kv_cache import KVCache
 from .ops.table import OpTable
+from .quant import keeps_stored_dtype
 
 
 class Linear(nn.Module):
@@ -45,7 +51,7 @@ class Linear(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    """Weight-only INT8/INT4 linear; ``qweight``/``scale`` as in :mod:`glm_core.quant`."""
+    """Weight-only INT8/INT4 linear; ``qweight``/``scale`` as in :mod:`glm_runtime.core.quant`."""
 
     def __init__(self, ops: OpTable, n_in: int, n_out: int, bias: bool, bits: int, dtype=None, device=None):
         super().__init__()
@@ -73,7 +79,7 @@ class Norm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def _linear(ops, config, n_in, n_out, bias, quant_bits, **factory):
+def _linear(ops, n_in, n_out, bias, quant_bits, **factory):
     if quant_bits:
         return QuantizedLinear(ops, n_in, n_out, bias, quant_bits, **factory)
     return Linear(ops, n_in, n_out, bias, **factory)
@@ -84,8 +90,8 @@ class Attention(nn.Module):
         super().__init__()
         c = config
         self.ops, self.config, self.layer = ops, c, layer
-        self.qkv = _linear(ops, c, c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, quant_bits, **factory)
-        self.dense = _linear(ops, c, c.q_size, c.hidden_size, c.dense_bias, quant_bits, **factory)
+        self.qkv = _linear(ops, c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, quant_bits, **factory)
+        self.dense = _linear(ops, c.q_size, c.hidden_size, c.dense_bias, quant_bits, **factory)
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self.layer_scale = float(layer + 1) if c.query_key_layer_scaling else 1.0
 
@@ -116,8 +122,8 @@ class MLP(nn.Module):
         c = config
         self.ops, self.activation = ops, c.activation
         width = c.ffn_hidden_size * (2 if c.gated else 1)
-        self.fc1 = _linear(ops, c, c.hidden_size, width, c.mlp_bias, quant_bits, **factory)
-        self.fc2 = _linear(ops, c, c.ffn_hidden_size, c.hidden_size, c.mlp_bias, quant_bits, **factory)
+        self.fc1 = _linear(ops, c.hidden_size, width, c.mlp_bias, quant_bits, **factory)
+        self.fc2 = _linear(ops, c.ffn_hidden_size, c.hidden_size, c.mlp_bias, quant_bits, **factory)
 
     def forward(self, x):
         u = self.fc1(x)
@@ -159,6 +165,62 @@ class Block(nn.Module):
         return h + m
 
 
+class Layers(nn.ModuleDict):
+    """The blocks a model holds, keyed by their global layer id (``layers[3]`` or
+    ``layers["3"]``; the keys are the checkpoint's ``layers.{i}``), so a pipeline stage holds
+    some of them under their own ids."""
+
+    def __getitem__(self, i):
+        return super().__getitem__(str(i))
+
+    def __setitem__(self, i, block):
+        super().__setitem__(str(i), block)
+
+    def __delitem__(self, i):
+        super().__delitem__(str(i))
+
+    def __contains__(self, i):
+        return super().__contains__(str(i))
+
+
+class Embedding(nn.Module):
+    """Token ids -> rows of ``weight`` [V, H] (``embed.weight``)."""
+
+    def __init__(self, ops: OpTable, vocab: int, hidden: int, **factory):
+        super().__init__()
+        self.ops = ops
+        self.weight = nn.Parameter(torch.empty(vocab, hidden, **factory))
+
+    def forward(self, ids):
+        return self.ops.embedding(ids, self.weight)
+
+
+class Head(nn.Module):
+    """Hidden states -> logits over the vocabulary, ``x @ W^T``.
+
+    An untied model's head owns ``weight`` (``lm_head.weight``). A tied model's head reads
+    the embedding's matrix through ``tied``, a reference kept out of the module tree on
+    purpose: the one matrix then has one name in the state dict and one entry in
+    ``parameters()`` (so an optimiser updates it once), and it stays the embedding's
+    current parameter after a state dict is assigned into the model.
+    """
+
+    def __init__(self, ops: OpTable, weight: nn.Parameter | None = None, tied: Embedding | None = None):
+        super().__init__()
+        if (weight is None) == (tied is None):
+            raise ValueError("a head has its own weight or is tied to an embedding, not both or neither")
+        self.ops = ops
+        self.weight = weight
+        self.__dict__["tied"] = tied  # not a submodule: see the class docstring
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self.tied.weight if self.tied is not None else self.weight
+
+    def forward(self, x):
+        return self.ops.lm_head(x, self.matrix)
+
+
 class Rotary(nn.Module):
     """Angles per token for the config's RoPE variant: [B, T, pairs] cos and sin."""
 
@@ -191,63 +253,73 @@ class Rotary(nn.Module):
 
 
 class GLMModel(nn.Module):
+    """The GLM graph: ``embed`` -> ``layers`` -> ``final_norm`` -> ``lm_head``.
+
+    ``layers`` is keyed by the global layer id (``"0"``, ``"1"`` ...: the checkpoint keys), so
+    a model may hold a subset of them. ``embed`` is None on a pipeline stage that receives
+    hidden states; ``final_norm`` and ``lm_head`` are None on one that passes them on.
+    """
+
     def __init__(self, config: GLMConfig, ops: OpTable, quant_bits: int | None = None,
                  device=None, dtype=torch.float32):
         super().__init__()
         self.config, self.ops = config, ops
         factory = dict(device=device, dtype=dtype)
         c = config
-        self.embed = nn.Module()
-        self.embed.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory))
-        self.layers = nn.ModuleList(Block(ops, c, i, quant_bits, **factory) for i in range(c.num_layers))
-        self.final_norm = Norm(ops, c, **factory)
-        if not c.tie_word_embeddings:
-            self.lm_head = nn.Module()
-            self.lm_head.weight = nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory))
+        self.embed: Embedding | None = Embedding(ops, c.vocab_size, c.hidden_size, **factory)
+        self.layers = Layers({str(i): Block(ops, c, i, quant_bits, **factory) for i in range(c.num_layers)})
+        self.final_norm: Norm | None = Norm(ops, c, **factory)
+        self.lm_head: Head | None = (
+            Head(ops, tied=self.embed) if c.tie_word_embeddings
+            else Head(ops, weight=nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory))))
         self.rotary = Rotary(c, device=device)
 
     @property
     def dtype(self) -> torch.dtype:
-        """What activations and the KV cache are computed in (the weights' dtype)."""
-        return self.embed.weight.dtype
+        """What activations and the KV cache are computed in (the float weights' dtype)."""
+        return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
-
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for generation of up to ``max_len`` positions."""
-        return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device)
+        return next(self.parameters()).device
 
     @property
-    def output_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.config.tie_word_embeddings else self.lm_head.weight
+    def layer_ids(self) -> list[int]:
+        return [int(k) for k in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, start: int = 0, last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with ``last_only``).
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache of the layers this model holds, for up to ``max_len`` positions
+        (KV heads as the attention modules hold them: a tensor-parallel rank has its share)."""
+        heads = next(iter(self.layers.values())).attn.config.num_kv_heads if len(self.layers) else 0
+        return KVCache(self.layer_ids, batch, heads, max_len, self.config.head_dim, self.dtype, self.device)
 
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, start: int = 0,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, V], or [B, len(logits_index), V] for the positions ``logits_index``.
+
+        x: token ids [B, T], or hidden states [B, T, H] for a model without ``embed``; a
+        model without ``lm_head`` returns hidden states [B, T, H].
         mask: bool [B, 1, T, start + T], True = may attend; None = attend to everything.
         With a cache, the new keys and values are written at positions start..start+T.
         """
-        x = self.ops.embedding(input_ids, self.embed.weight)
+        if self.embed is not None:
+            x = self.embed(x)
         cos, sin = self.rotary(position_ids, x.dtype)
-        for layer in self.layers:
+        for layer in self.layers.values():
             x = layer(x, cos, sin, mask, cache, start)
-        if last_only:
-            x = x[:, -1:]
-        x = self.final_norm(x)
-        return self.ops.lm_head(x, self.output_weight)
+        if self.lm_head is None:
+            return x
+        if logits_index is not None:  # project only the positions asked for (T x H x V otherwise)
+            x = x.index_select(1, logits_index)
+        return self.lm_head(self.final_norm(x))
 
 
 def parameter_shapes(config: GLMConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
     """Every checkpoint key of ``config`` with its shape, and its dtype where that is fixed
-    (int8 quantized weights, fp16 scales): what a checkpoint must hold to match a config."""
+    (:func:`~glm_runtime.core.quant.keeps_stored_dtype`): what a checkpoint must hold to
+    match a config."""
     with torch.device("meta"):
         m = GLMModel(config, OpTable("reference", {}, torch.float32, strict=False),
                      quant_bits=config.quantization_bits)
-    out = {}
-    for k, v in m.state_dict().items():
-        fixed = v.dtype if (v.dtype == torch.int8 or k.endswith(".scale")) else None
-        out[k] = (tuple(v.shape), fixed)
-    return out
+    return {k: (tuple(v.shape), v.dtype if keeps_stored_dtype(k, v) else None) for k, v in m.state_dict().items()}

@@ -47,3 +47,10 @@ def dequantize(qweight: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.T
     """fp32 [out, in] weight from its quantized form."""
     q = unpack_int4(qweight) if bits == 4 else qweight
     return q.float() * scale.float().unsqueeze(1)
+
+
+def keeps_stored_dtype(key: str, tensor: torch.Tensor) -> bool:
+    """Whether a tensor (checkpoint key, or a module's own name for it) keeps its stored
+    dtype when a model is loaded or cast: integer tensors (quantized weights) and the fp16
+    scales of quantized linears. Every other tensor follows the model's compute dtype."""
+    return not tensor.is_floating_point() or key.rsplit(".", 1)[-1] == "scale"

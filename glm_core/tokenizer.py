@@ -30,6 +30,8 @@ import json
 import os
 import re
 
+import sentencepiece as spm
+
 from .config import GLMConfig
 from .errors import GLMError
 
@@ -129,8 +131,6 @@ class TiktokenModel:
 
 class Tokenizer:
     def __init__(self, model_file: str | os.PathLike, config: GLMConfig | None = None):
-        import sentencepiece as spm
-
         if not os.path.isfile(model_file):
             raise GLMError("tokenizer model not found", model_file)
         try:

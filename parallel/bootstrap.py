@@ -41,7 +41,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from glm_core.errors import GLMError
+import torch.distributed as dist
+from torch.distributed import TCPStore
+
+from glm_runtime.core.errors import GLMError
+from glm_runtime.core.registry import Backend, get_backend
 
 MPI_MARKERS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
 
@@ -206,8 +210,6 @@ class Timings:
 
 
 def _tcp_store(host: str, port: int, world: int, master: bool, timeout: datetime.timedelta):
-    from torch.distributed import TCPStore
-
     return TCPStore(host, port, world, master, timeout=timeout, wait_for_workers=False, use_libuv=True)
 
 
@@ -304,10 +306,6 @@ def init(backend=None, rank: int | None = None, world_size: int | None = None, l
     global _context
     if _context is not None:
         return _context
-    import torch.distributed as dist
-
-    from glm_core.registry import Backend, get_backend
-
     b = backend if isinstance(backend, Backend) else get_backend(backend)
     t = Timings()
     t0 = time.perf_counter()
@@ -337,8 +335,6 @@ def init(backend=None, rank: int | None = None, world_size: int | None = None, l
 def shutdown() -> None:
     """Destroy the process group (call on the normal exit path)."""
     global _context
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
     _context = None

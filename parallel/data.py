@@ -10,6 +10,7 @@ verified on gloo.
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -22,8 +23,6 @@ def wrap_ddp(module: nn.Module, topo) -> nn.Module:
 
 def wrap_fsdp(module: nn.Module, topo) -> nn.Module:
     """FSDP2 over the DP dimension of the topology's mesh (parameters sharded over DP)."""
-    from torch.distributed.fsdp import fully_shard
-
     if topo.dp == 1:
         return module
     for p in module.parameters():  # FSDP2 shards flat storage: backend layouts are given up

@@ -1,18 +1,23 @@
 """One rank's part of a GLM model under TP x PP: its pipeline stage, tensor-parallel.
 
-:class:`ParallelModel` is built around a plain :class:`glm_core.model.GLMModel`: the
-layers of the rank's stage are the graph's own :class:`Block` modules with their linears
-swapped for TP versions (:mod:`parallel.tensor`); the embedding and output projection
-become vocab-parallel. Its ``forward`` has the signature of ``GLMModel.forward`` and
-returns full logits on every rank, so :func:`glm_core.generation.generate` runs on it
-unchanged (:meth:`ParallelModel.new_cache` holds the rank's heads of the stage's layers).
-Between pipeline stages the hidden state travels by point-to-point sends
-(inference) or through torch's pipelining schedules (training, :mod:`parallel.pipeline`).
+:class:`ParallelModel` *is* a :class:`~glm_runtime.core.model.GLMModel`, with the same
+forward and the same parameter names (the native checkpoint keys), made from a whole model
+torchtitan-style: the other stages' layers are removed (layers stay keyed by their global
+id), the embedding goes on every stage but the first and the final norm and head on
+every stage but the last, and each linear, the embedding and the head is swapped for its
+tensor-parallel version (:mod:`glm_runtime.parallel.tensor`). A stage's own forward is
+therefore ``GLMModel.forward``: ids (first stage) or hidden states in, hidden states or
+this rank's slice of the vocabulary out.
 
-Parameter names are the native ones (``embed.weight``, ``layers.{i}.…``,
-``final_norm.…``); the output projection is ``head.weight`` (``lm_head.weight`` in the
-checkpoint; with tied embeddings it is the embedding on a single stage and a copy on the
-last stage otherwise, whose gradient :meth:`finalize_grads` sums with the first stage's).
+:meth:`ParallelModel.forward` adds what crosses ranks: hidden states between stages by
+point-to-point sends (inference; training runs torch's pipelining schedules over
+:meth:`stage_forward`, :mod:`glm_runtime.parallel.pipeline`) and the vocabulary slices
+gathered into full logits on every rank, so :func:`glm_runtime.core.generation.generate`
+runs on it unchanged (:meth:`new_cache` holds the rank's heads of the stage's layers).
+
+With tied embeddings the head reads the embedding's matrix on a single stage, and holds a
+copy on the last stage otherwise (``lm_head.weight``, left out of checkpoints), whose
+gradient :meth:`finalize_grads` sums with the first stage's.
 """
 from __future__ import annotations
 
@@ -20,102 +25,102 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from glm_core.kv_cache import KVCache
-from glm_core.model import GLMModel
+from glm_runtime.core import sharding
+from glm_runtime.core.model import GLMModel, Layers
 
 from . import tensor as tpar
 from .pipeline import partition_layers
 from .topology import Topology
 
 
-class ParallelModel(nn.Module):
+class ParallelModel(GLMModel):
     """This rank's pipeline stage of a GLM model, tensor-parallel (see the module docstring)."""
 
     def __init__(self, model: GLMModel, topo: Topology, ends_lighter: bool = False, backend=None):
-        super().__init__()
+        nn.Module.__init__(self)  # adopts ``model``'s modules below instead of building new ones
         c = model.config
-        self.global_config, self.topo, self.ops = c, topo, model.ops
+        self.config, self.ops, self.topo = c, model.ops, topo
         tp, r = topo.tp, topo.tp_rank
         group = topo.tp_group if tp > 1 else None
         self.tp_group = group
-        tpar.check_divisible(c, tp)
+        sharding.check_divisible(c, tp)
         prepare = backend.prepare_parameter if backend is not None else (lambda name, t: t)
-        # generation sizes its KV cache from .config: the per-rank heads
-        self.config = tpar.local_config(c, tp)
         self.bounds = partition_layers(c.num_layers, topo.pp, ends_lighter)
         lo, hi = self.bounds[topo.pp_rank]
-        self.layer_ids = list(range(lo, hi))
         self.first, self.last = topo.is_first_stage, topo.is_last_stage
-        w = model.embed.weight
-        # as GLMModel.dtype/.device, also on stages that hold no embedding (built in place, never moved)
-        self.dtype, self.device = model.dtype, model.device
-        self.vocab_start = r * (tpar.padded_vocab(c.vocab_size, tp) // tp)
-        embed_w = tpar.shard("embed.weight", w.data, c, tp, r)
-        if self.first:
-            self.embed = tpar.VocabParallelEmbedding(model.ops, embed_w, self.vocab_start, group)
-        self.layers = nn.ModuleDict()
-        for i in self.layer_ids:
+        self.vocab_start = r * (sharding.padded_vocab(c.vocab_size, tp) // tp)
+
+        full_embed = model.embed.weight.data
+        self.embed = (tpar.VocabParallelEmbedding(model.ops, sharding.shard("embed.weight", full_embed, c, tp, r),
+                                                  self.vocab_start, group) if self.first else None)
+        self.layers = Layers()
+        for i in range(lo, hi):
             block = model.layers[i]
             if tp > 1:
                 tpar.parallelize_block(block, f"layers.{i}", c, tp, r, group, prepare)
-            self.layers[str(i)] = block
+            self.layers[i] = block
+        self.final_norm = model.final_norm if self.last else None
+        self.lm_head = None
         if self.last:
-            self.final_norm = model.final_norm
+            head = dict(start=self.vocab_start, vocab_size=c.vocab_size, group=group)
             if c.tie_word_embeddings and self.first:
-                head_w = self.embed.weight
-            else:
+                self.lm_head = tpar.VocabParallelHead(model.ops, tied=self.embed, **head)
+            else:  # the untied head, or the last stage's copy of a tied embedding
                 key = "embed.weight" if c.tie_word_embeddings else "lm_head.weight"
-                src = w if c.tie_word_embeddings else model.lm_head.weight
-                head_w = nn.Parameter(prepare("lm_head.weight", tpar.shard(key, src.data, c, tp, r)),
-                                      requires_grad=False)
-            self.head = tpar.VocabParallelHead(model.ops, head_w, self.vocab_start, c.vocab_size, group)
+                full = full_embed if c.tie_word_embeddings else model.lm_head.weight.data
+                w = nn.Parameter(prepare("lm_head.weight", sharding.shard(key, full, c, tp, r)), requires_grad=False)
+                self.lm_head = tpar.VocabParallelHead(model.ops, weight=w, **head)
         self.rotary = model.rotary
+        # as GLMModel.dtype/.device, also on stages without an embedding (built in place, never moved)
+        self._dtype, self._device = model.dtype, model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     # ------------------------------------------------------------------ forward
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """A KV cache for this stage's layers and this rank's KV heads (see GLMModel.new_cache)."""
-        return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device, layers=self.layer_ids)
+    def stage_forward(self, x, position_ids, mask, cache=None, start: int = 0, logits_index=None):
+        """This stage alone: :meth:`GLMModel.forward` (hidden states, or this rank's
+        vocabulary slice of the logits on the last stage)."""
+        return GLMModel.forward(self, x, position_ids, mask, cache, start, logits_index)
 
-    def stage_forward(self, x, position_ids, mask, cache=None, start: int = 0, last_only: bool = False,
-                      gather: bool = True):
-        """This stage's part of ``GLMModel.forward``: ids (first stage) or hidden in, hidden
-        (or logits on the last stage) out. Mirrors GLMModel.forward step for step."""
-        if self.first:
-            x = self.embed(x)
-        cos, sin = self.rotary(position_ids, x.dtype)
-        for block in self.layers.values():
-            x = block(x, cos, sin, mask, cache, start)
-        if not self.last:
-            return x
-        if last_only:
-            x = x[:, -1:]
-        return self.head(self.final_norm(x), gather=gather)
-
-    def forward(self, input_ids, position_ids, mask, cache=None, start: int = 0, last_only: bool = False,
+    def forward(self, input_ids, position_ids, mask, cache=None, start: int = 0, logits_index=None,
                 gather: bool = True):
-        """Full logits [B, T, V] (or [B, 1, V]) on every rank, as ``GLMModel.forward``.
+        """Full logits [B, T, V] (or the positions ``logits_index``) on every rank, as
+        ``GLMModel.forward``.
 
         With one stage, ``gather=False`` returns this rank's vocabulary slice instead (for
         :meth:`loss`; data-parallel wrappers call this forward)."""
-        if self.topo.pp == 1:
-            return self.stage_forward(input_ids, position_ids, mask, cache, start, last_only, gather)
-        B, T = input_ids.shape
-        H = self.global_config.hidden_size
-        dtype, dev = self.dtype, input_ids.device
         t = self.topo
+        if t.pp == 1:
+            y = self.stage_forward(input_ids, position_ids, mask, cache, start, logits_index)
+            return self._gather(y) if gather else y
+        B, T = input_ids.shape
+        H = self.config.hidden_size
+        dtype, dev = self.dtype, input_ids.device
         if self.first:
             x = input_ids
         else:
             x = torch.empty(B, T, H, dtype=dtype, device=dev)
             dist.recv(x, src=t.stage_rank(t.pp_rank - 1))
-        y = self.stage_forward(x, position_ids, mask, cache, start, last_only)
-        if not self.last:
+        y = self.stage_forward(x, position_ids, mask, cache, start, logits_index)
+        if self.last:
+            y = self._gather(y)
+        else:
             dist.send(y.contiguous(), dst=t.stage_rank(t.pp_rank + 1))
-            Tout = 1 if last_only else T
-            y = torch.empty(B, Tout, self.global_config.vocab_size, dtype=dtype, device=dev)
+            Tout = T if logits_index is None else len(logits_index)
+            y = torch.empty(B, Tout, self.config.vocab_size, dtype=dtype, device=dev)
         y = y.contiguous()  # the vocabulary cut of padded logits is a strided view
         dist.broadcast(y, src=t.stage_rank(t.pp - 1), group=t.pp_group)
         return y
+
+    def _gather(self, local_logits: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary slice -> full logits (the padded columns cut off)."""
+        return tpar.gather_last_dim(local_logits, self.tp_group)[..., :self.config.vocab_size]
 
     # ----------------------------------------------------------------- training
     def loss(self, logits_local: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -126,11 +131,10 @@ class ParallelModel(nn.Module):
     def finalize_grads(self) -> None:
         """After backward: sum the gradients of replicated KV groups over TP, and of a tied
         embedding between the first and last stage."""
-        t, c = self.topo, self.global_config
-        tpar.reduce_replicated_kv_grads([self.layers[str(i)] for i in self.layer_ids], c, t.tp, t.tp_rank,
-                                        self.tp_group)
+        t, c = self.topo, self.config
+        tpar.reduce_replicated_kv_grads(list(self.layers.values()), c, t.tp, t.tp_rank, self.tp_group)
         if c.tie_word_embeddings and t.pp > 1 and (self.first or self.last):
-            p = self.embed.weight if self.first else self.head.weight
+            p = self.embed.weight if self.first else self.lm_head.weight
             # collectives need contiguous memory; the head copy may have the backend's
             # (transposed) layout, and so its gradient
             g = torch.zeros(p.shape, dtype=p.dtype, device=p.device) if p.grad is None else p.grad.contiguous()
@@ -143,25 +147,22 @@ class ParallelModel(nn.Module):
     # ------------------------------------------------------------------- state
     def native_items(self, grads: bool = False):
         """(native key, local tensor) pairs of this rank (gradient instead of value when
-        ``grads``); the tied copy on the last stage is left out."""
-        c = self.global_config
+        ``grads``); the last stage's copy of a tied embedding is left out."""
+        tied_copy = self.config.tie_word_embeddings
         for name, p in self.named_parameters():
-            key = name
-            if name == "head.weight":
-                if c.tie_word_embeddings:
-                    continue
-                key = "lm_head.weight"
+            if name == "lm_head.weight" and tied_copy:
+                continue
             t = p.grad if grads else p.data
             if t is None:
                 t = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
             if hasattr(t, "full_tensor"):  # sharded by FSDP2 over DP: a collective of the DP group
                 t = t.full_tensor()
-            yield key, t.detach()
+            yield name, t.detach()
 
     def gather_full(self, grads: bool = False, dst: int = 0) -> dict[str, torch.Tensor] | None:
         """Full (unsharded) parameters or gradients of the whole model on rank ``dst``
         (gathered from the first data-parallel replica)."""
-        t, c = self.topo, self.global_config
+        t, c = self.topo, self.config
         mine = dict(self.native_items(grads))  # every rank: FSDP2 unsharding is collective
         if t.dp_rank != 0:
             mine = {}
@@ -173,4 +174,4 @@ class ParallelModel(nn.Module):
         for tp_rank, items in everything:
             for k, v in items.items():
                 by_key.setdefault(k, {})[tp_rank] = v
-        return {k: tpar.unshard(k, [pieces[i] for i in range(t.tp)], c, t.tp) for k, pieces in by_key.items()}
+        return {k: sharding.unshard(k, [pieces[i] for i in range(t.tp)], c, t.tp) for k, pieces in by_key.items()}

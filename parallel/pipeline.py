@@ -17,8 +17,11 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from glm_core.errors import GLMError
+from glm_runtime.core.errors import GLMError
+
+from .data import wrap_ddp
 
 SCHEDULES = ("1f1b", "gpipe")
 
@@ -61,7 +64,7 @@ class _Stage(nn.Module):
         self.pmodel = pmodel
 
     def forward(self, x, position_ids, mask):
-        y = self.pmodel.stage_forward(x, position_ids, mask.bool(), gather=False)
+        y = self.pmodel.stage_forward(x, position_ids, mask.bool())
         return y if self.pmodel.last else (y, position_ids, mask)
 
 
@@ -73,8 +76,6 @@ class PipelineTrainer:
     """
 
     def __init__(self, pmodel, microbatches: int, schedule: str = "1f1b", data_parallel: str | None = None):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-
         if schedule not in SCHEDULES:
             raise GLMError(f"unknown pipeline schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
         self.pmodel, self.m, self.schedule_name = pmodel, microbatches, schedule
@@ -86,8 +87,6 @@ class PipelineTrainer:
         self.module = _Stage(pmodel)
         sub = self.module
         if data_parallel == "ddp" and t.dp > 1:
-            from .data import wrap_ddp
-
             sub = wrap_ddp(self.module, t)
         device = pmodel.device
         self.stage = PipelineStage(sub, t.pp_rank, t.pp, device, group=t.pp_group)

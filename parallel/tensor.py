@@ -8,32 +8,21 @@ forward, bias added once after it). The embedding and output projection are spli
 the vocabulary, padded to a multiple of the TP degree; padded columns are masked out of
 the logits and of the vocab-parallel cross-entropy.
 
-Head splitting follows the checkpoint layouts of every family (see :func:`qkv_rows`):
-
-* per-head interleaved ``[q_h; k_h; v_h]`` (GLM-130B, ChatGLM-6B): a contiguous block of
-  whole heads per rank;
-* blocked ``[Q | K | V]`` (ChatGLM2/3, GLM-4): the rank's query heads from Q and the KV
-  groups they use from K and V. With fewer KV groups than TP ranks each group is
-  replicated on the ``tp / groups`` ranks whose query heads use it; the gradients of the
-  copies are summed over the TP group by :func:`reduce_replicated_kv_grads`.
-
-The gated first MLP projection ``[A | G]`` is split per half, rank r holding
-``[A_r; G_r]`` (GLM-130B's ``convert_tp.py`` layout), so the gated activation stays local.
-
-:func:`shard` and :func:`unshard` are the single definition of every split; the module
-surgery and the gathering of full parameters or gradients both use them.
+Which rows and columns each rank holds is :mod:`glm_runtime.core.sharding` (the single
+definition of every split); with fewer KV groups than TP ranks, the gradients of a
+replicated group's copies are summed over the TP group by
+:func:`reduce_replicated_kv_grads`.
 """
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from glm_core.config import GLMConfig
-from glm_core.errors import GLMError
-from glm_core.model import Block
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.model import Block, Embedding, Head
+from glm_runtime.core.quant import keeps_stored_dtype
+from glm_runtime.core.sharding import check_divisible, kv_groups_of, local_config, shard
 
 # --------------------------------------------------------------------- collectives
 
@@ -97,122 +86,6 @@ def gather_last_dim(x, group):
     return x if group is None else _GatherLastDim.apply(x, group)
 
 
-# ------------------------------------------------------------------------ sharding
-
-
-def check_divisible(config: GLMConfig, tp: int) -> None:
-    """Raise a clear error when ``config`` cannot be split ``tp`` ways."""
-    c = config
-    problems = []
-    if c.num_heads % tp:
-        problems.append(f"num_heads={c.num_heads} is not a multiple of tp={tp}")
-    g = c.num_kv_heads
-    if g >= tp and g % tp:
-        problems.append(f"num_kv_heads={g} is not a multiple of tp={tp}")
-    if g < tp and tp % g:
-        problems.append(f"tp={tp} is not a multiple of num_kv_heads={g} (KV groups are replicated)")
-    if c.ffn_hidden_size % tp:
-        problems.append(f"ffn_hidden_size={c.ffn_hidden_size} is not a multiple of tp={tp}")
-    if c.quantization_bits == 4 and (c.ffn_hidden_size // tp) % 2 or c.quantization_bits == 4 and \
-            (c.q_size // tp) % 2:
-        problems.append("INT4 row-parallel slices must have an even width")
-    if problems:
-        raise GLMError(f"cannot split this model {tp} ways: " + "; ".join(problems))
-
-
-def local_config(config: GLMConfig, tp: int) -> GLMConfig:
-    """The per-rank view of the attention: its heads and KV groups (vocab and depth unchanged)."""
-    g = config.num_kv_heads
-    return config.replace(num_heads=config.num_heads // tp, num_kv_heads=g // tp if g >= tp else 1)
-
-
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    return -(-vocab_size // tp) * tp
-
-
-def kv_groups_of(config: GLMConfig, tp: int, r: int) -> list[int]:
-    g = config.num_kv_heads
-    if g >= tp:
-        return list(range(r * g // tp, (r + 1) * g // tp))
-    return [r // (tp // g)]
-
-
-def qkv_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
-    """Rows of the fused QKV projection that rank r holds, in its local layout."""
-    c, d = config, config.head_dim
-    hl = c.num_heads // tp
-    if c.qkv_layout == "per_head":
-        return torch.arange(r * hl * 3 * d, (r + 1) * hl * 3 * d)
-    q = torch.arange(r * hl * d, (r + 1) * hl * d)
-    groups = kv_groups_of(c, tp, r)
-    k = torch.cat([torch.arange(c.q_size + j * d, c.q_size + (j + 1) * d) for j in groups])
-    v = k + c.kv_size
-    return torch.cat((q, k, v))
-
-
-def fc1_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
-    f = config.ffn_hidden_size
-    fl = f // tp
-    a = torch.arange(r * fl, (r + 1) * fl)
-    return torch.cat((a, a + f)) if config.gated else a
-
-
-def _split(key: str):
-    """(how, dim) for a native key: how in {vocab, qkv, fc1, cols, replicated}."""
-    if key in ("embed.weight", "lm_head.weight"):
-        return "vocab", 0
-    m = re.search(r"\.(attn\.qkv|attn\.dense|mlp\.fc1|mlp\.fc2)\.(weight|qweight|bias|scale)$", key)
-    if not m:
-        return "replicated", None
-    mod, p = m.groups()
-    if mod == "attn.qkv":
-        return "qkv", 0
-    if mod == "mlp.fc1":
-        return "fc1", 0
-    return ("cols", 1) if p in ("weight", "qweight") else ("replicated", None)
-
-
-def _index(how: str, config: GLMConfig, tp: int, r: int, full_len: int) -> torch.Tensor:
-    if how == "qkv":
-        return qkv_rows(config, tp, r)
-    if how == "fc1":
-        return fc1_rows(config, tp, r)
-    n = full_len // tp
-    return torch.arange(r * n, (r + 1) * n)
-
-
-def shard(key: str, full: torch.Tensor, config: GLMConfig, tp: int, r: int) -> torch.Tensor:
-    """Rank r's part of the full tensor ``key`` (a native checkpoint key)."""
-    how, dim = _split(key)
-    if how == "replicated" or tp == 1:
-        return full
-    if how == "vocab":
-        vp = padded_vocab(full.shape[0], tp)
-        if vp != full.shape[0]:
-            full = torch.cat((full, full.new_zeros(vp - full.shape[0], *full.shape[1:])))
-        n = vp // tp
-        return full[r * n:(r + 1) * n].clone()
-    return full.index_select(dim, _index(how, config, tp, r, full.shape[dim])).clone()
-
-
-def unshard(key: str, pieces: list[torch.Tensor], config: GLMConfig, tp: int) -> torch.Tensor:
-    """Inverse of :func:`shard` from every rank's piece (replicated KV groups: rank order wins,
-    copies are equal)."""
-    how, dim = _split(key)
-    if how == "replicated" or tp == 1:
-        return pieces[0]
-    if how == "vocab":
-        return torch.cat(pieces)[:config.vocab_size]
-    if how == "cols":
-        return torch.cat(pieces, dim)
-    rows = {"qkv": config.q_size + 2 * config.kv_size,
-            "fc1": config.ffn_hidden_size * (2 if config.gated else 1)}[how]
-    full = pieces[0].new_empty(rows, *pieces[0].shape[1:])
-    for r, p in enumerate(pieces):
-        full[_index(how, config, tp, r, rows)] = p
-    return full
-
-
 # ------------------------------------------------------------------------- modules
 
 
@@ -234,10 +107,10 @@ class ParallelLinear(nn.Module):
         for name, t in tensors.items():
             if t is None:
                 continue
-            if t.is_floating_point() and name != "scale":
-                setattr(self, name, nn.Parameter(t, requires_grad=False))
-            else:
+            if keeps_stored_dtype(name, t):  # quantized weights and their scales are buffers
                 self.register_buffer(name, t)
+            else:
+                setattr(self, name, nn.Parameter(t, requires_grad=False))
 
     def _local(self, x, bias):
         if self.bits:
@@ -251,12 +124,12 @@ class ParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(Embedding):
     """Embedding rows ``[start, start + n)`` of the padded vocabulary; other ids give zeros
     here and their rows come from the all-reduce."""
 
     def __init__(self, ops, weight: torch.Tensor, start: int, group):
-        super().__init__()
+        nn.Module.__init__(self)  # the weight is the given shard, not a new [V, H] matrix
         self.ops, self.start, self.group = ops, start, group
         self.weight = nn.Parameter(weight, requires_grad=False)
 
@@ -269,28 +142,24 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_group(e.masked_fill(outside[..., None], 0), self.group)
 
 
-class VocabParallelHead(nn.Module):
-    """Output projection over this rank's vocabulary slice.
+class VocabParallelHead(Head):
+    """Output projection over this rank's vocabulary slice: logits [.., V_padded / tp] with
+    the padded columns set to the most negative float. The slices are gathered into full
+    logits by :class:`~glm_runtime.parallel.model.ParallelModel`; the vocab-parallel
+    cross-entropy reads the slices as they are and never materialises full logits."""
 
-    ``forward(x, gather=True)`` gives full logits [.., V]; ``gather=False`` gives the local
-    slice with padded columns set to the most negative float (for the vocab-parallel
-    cross-entropy, which never materialises full logits).
-    """
+    def __init__(self, ops, start: int, vocab_size: int, group, weight: nn.Parameter | None = None,
+                 tied: Embedding | None = None):
+        super().__init__(ops, weight=weight, tied=tied)
+        self.start, self.vocab_size, self.group = start, vocab_size, group
+        self.valid = max(0, min(self.matrix.shape[0], vocab_size - start))
 
-    def __init__(self, ops, weight: nn.Parameter, start: int, vocab_size: int, group):
-        super().__init__()
-        self.ops, self.start, self.vocab_size, self.group = ops, start, vocab_size, group
-        self.weight = weight
-        self.valid = max(0, min(weight.shape[0], vocab_size - start))
-
-    def forward(self, x, gather: bool = True):
-        logits = self.ops.lm_head(copy_to_group(x, self.group), self.weight)
+    def forward(self, x):
+        logits = self.ops.lm_head(copy_to_group(x, self.group), self.matrix)
         if self.valid < logits.shape[-1]:
             pad = torch.arange(logits.shape[-1], device=logits.device) >= self.valid
             logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
-        if not gather:
-            return logits
-        return gather_last_dim(logits, self.group)[..., :self.vocab_size]
+        return logits
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -11,12 +11,18 @@ at scale.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from glm_core.errors import GLMError
+from glm_runtime.core.errors import GLMError
+
+from . import bootstrap
+
+log = logging.getLogger("glm_runtime.parallel")
 
 
 @dataclass(frozen=True)
@@ -58,8 +64,6 @@ class Topology:
         self.coords = coords_of(self.rank, self.sizes)
         t0 = time.perf_counter()
         count0 = _group_count()
-        from torch.distributed.device_mesh import init_device_mesh
-
         self.mesh = init_device_mesh(device_type, self.sizes, mesh_dim_names=("pp", "dp", "tp"))
         self.tp_group = self.mesh.get_group("tp")
         self.dp_group = self.mesh.get_group("dp")
@@ -107,3 +111,21 @@ class Topology:
     def __repr__(self) -> str:
         c = self.coords
         return f"<Topology tp={self.tp} pp={self.pp} dp={self.dp}; rank {self.rank} at pp={c.pp} dp={c.dp} tp={c.tp}>"
+
+
+_topologies: dict[tuple, Topology] = {}
+
+
+def get_topology(tp: int = 1, pp: int = 1, dp: int | None = None, backend=None) -> Topology:
+    """The job's topology for these sizes (bootstraps first; groups are created once)."""
+    ctx = bootstrap.init(backend)
+    key = (tp, pp, dp)
+    if key not in _topologies:
+        t = Topology(tp, pp, dp, device_type=ctx.backend.device_type)
+        ctx.timings.subgroups = t.creation_s
+        _topologies[key] = t
+        if t.rank == 0:
+            phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in ctx.timings.as_dict().items())
+            log.info("%d ranks (%s via %s), tp=%d pp=%d dp=%d, %d process groups: %s", t.world_size,
+                     ctx.backend.dist_backend, ctx.info.source, t.tp, t.pp, t.dp, t.groups_created, phases)
+    return _topologies[key]

@@ -87,7 +87,7 @@ def peaked_state(cfg, seed: int = 0, salt: int = 0) -> dict:
     norm gains off their defaults, QKV weights large enough for peaked attention (so
     position and mask errors change the logits), and an output head of unit scale (the
     embedding when tied). ``salt`` offsets the generator of the perturbations."""
-    from glm_core.api import random_state
+    from glm_runtime.core.build import random_state
 
     g = torch.Generator().manual_seed(seed + salt)
     head = "embed.weight" if cfg.tie_word_embeddings else "lm_head.weight"

@@ -15,11 +15,11 @@ import types
 import pytest
 import torch
 
-from backends.cuda.plugin import CUDABackend
-from backends.rocm import plugin as rocm_plugin
-from backends.rocm.plugin import DCUBackend, ROCmBackend
-from backends.triton.tuning import lookup
-from glm_core.errors import BackendError
+from glm_runtime.backends.cuda.plugin import CUDABackend
+from glm_runtime.backends.rocm import plugin as rocm_plugin
+from glm_runtime.backends.rocm.plugin import DCUBackend, ROCmBackend
+from glm_runtime.backends.triton.tuning import lookup
+from glm_runtime.core.errors import BackendError
 
 
 def test_real_probes_on_this_cpu_build_give_the_true_reason():
@@ -102,10 +102,10 @@ def test_capabilities_per_device(fake_gpu, monkeypatch, tmp_path):
     fake_gpu(cuda="12.4", count=2, props=[_props("NVIDIA H100 80GB HBM3", major=9, minor=0, warp=32),
                                           _props("Tesla V100-SXM2-32GB", major=7, minor=0, warp=32)])
     caps = CUDABackend().capabilities()
-    assert caps.arch == "sm_90" and caps.bf16_matmul and torch.bfloat16 in caps.compute_dtypes
+    assert caps.arch == "sm_90" and torch.bfloat16 in caps.compute_dtypes
     assert caps.extra["tuning"] == "cuda/sm_90" and caps.extra["peak_gbps"] == 3350.0
     v100 = CUDABackend().capabilities(index=1)
-    assert v100.arch == "sm_70" and not v100.bf16_matmul and torch.bfloat16 not in v100.compute_dtypes
+    assert v100.arch == "sm_70" and torch.bfloat16 not in v100.compute_dtypes
     assert CUDABackend().compute_dtype(torch.bfloat16) == torch.bfloat16  # current device 0 (sm_90) computes bf16
 
     dtk = tmp_path / "dtk"
@@ -114,10 +114,10 @@ def test_capabilities_per_device(fake_gpu, monkeypatch, tmp_path):
     fake_gpu(hip="5.7", count=2, props=[_props("Z100L", arch="gfx906:sramecc+:xnack-", warp=64),
                                         _props("K100_AI", arch="gfx928:sramecc+:xnack-", warp=64)])
     z = DCUBackend().capabilities()
-    assert z.arch == "gfx906" and z.warp_size == 64 and not z.bf16_matmul
+    assert z.arch == "gfx906" and z.warp_size == 64 and torch.bfloat16 not in z.compute_dtypes
     assert z.extra["tuning"] == "dcu/gfx906" and z.extra["known_dcu_arch"]
     k = DCUBackend().capabilities(index=1)
-    assert k.arch == "gfx928" and k.bf16_matmul and k.extra["tuning"] == "dcu/gfx928"
+    assert k.arch == "gfx928" and torch.bfloat16 in k.compute_dtypes and k.extra["tuning"] == "dcu/gfx928"
     assert ROCmBackend().capabilities().extra["tuning"] == "rocm/default"  # gfx906 is not in the AMD table
 
 
@@ -136,7 +136,7 @@ def test_forced_arch_selects_the_table(monkeypatch):
 
 
 def test_selecting_an_unavailable_gpu_backend_says_why():
-    from glm_core.registry import get_backend
+    from glm_runtime.core.registry import get_backend
 
     with pytest.raises(BackendError, match="built without CUDA"):
         get_backend("cuda")
@@ -146,7 +146,7 @@ def test_selecting_an_unavailable_gpu_backend_says_why():
 
 def test_glmrt_backends_lists_every_backend_with_its_reason():
     env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
-    r = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "backends"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "backends"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = {line.split(":")[0]: line for line in r.stdout.splitlines() if not line.startswith(" ")}
@@ -159,7 +159,7 @@ def test_glmrt_backends_lists_every_backend_with_its_reason():
 
 def test_glmrt_doctor_reports_versions_and_benchmarks_cpu():
     env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
-    r = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "doctor", "--backend", "cpu", "--bench",
+    r = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "doctor", "--backend", "cpu", "--bench",
                         "--bench-size", "tiny", "--bench-tokens", "8", "--bench-iters", "2"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -170,7 +170,7 @@ def test_glmrt_doctor_reports_versions_and_benchmarks_cpu():
 
 
 def test_npu_doctor_names_what_is_missing():
-    from backends.npu.plugin import NPUBackend
+    from glm_runtime.backends.npu.plugin import NPUBackend
 
     checks = {c.name: c for c in NPUBackend().doctor()}
     assert not checks["torch-npu"].ok and checks["torch-npu"].detail == "not installed"

@@ -14,7 +14,7 @@ ENV = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
 
 
 def glmrt(*args):
-    p = subprocess.run([sys.executable, "-m", "glm_core.cli.main", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", *map(str, args)], capture_output=True,
                        text=True, env=ENV, timeout=120)
     return p.returncode, p.stdout, p.stderr
 
@@ -31,7 +31,7 @@ def assert_one_line_error(rc, err, *needles):
 @pytest.fixture
 def native_dir(hf_dirs, tmp_path):
     d = tmp_path / "native"
-    from glm_core.cli.main import main
+    from glm_runtime.cli.main import main
 
     assert main(["convert", str(hf_dirs["glm"]), str(d)]) == 0
     return d
@@ -64,7 +64,7 @@ def test_unknown_backend_lists_installed(native_dir):
 
 
 def test_unknown_backend_from_env(native_dir):
-    p = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "generate", str(native_dir), "--ids", "1"],
+    p = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "generate", str(native_dir), "--ids", "1"],
                        capture_output=True, text=True, env=dict(ENV, GLM_BACKEND="nosuch"), timeout=120)
     assert_one_line_error(p.returncode, p.stderr, "unknown backend 'nosuch'")
 
@@ -90,8 +90,8 @@ def test_convert_failure_writes_nothing(native_dir, tmp_path):
 
 def test_interrupted_write_leaves_no_output(hf_dirs, tmp_path, monkeypatch):
     """A crash in the middle of writing (simulated) leaves neither the output nor a temp dir."""
-    from converters import native
-    from converters.detect import load_checkpoint
+    from glm_runtime.converters import native
+    from glm_runtime.converters.detect import load_checkpoint
 
     _, cfg, state, _ = load_checkpoint(hf_dirs["glm"])
 
@@ -128,8 +128,8 @@ def test_help_has_example(cmd):
 
 def test_written_files_follow_the_umask(hf_dirs, tmp_path):
     """safetensors creates its files 0600; a converted model must be readable as the umask says."""
-    from converters import native
-    from converters.detect import load_checkpoint
+    from glm_runtime.converters import native
+    from glm_runtime.converters.detect import load_checkpoint
 
     _, cfg, state, _ = load_checkpoint(hf_dirs["glm"])
     old = os.umask(0o022)

@@ -1,6 +1,6 @@
 """The shipped default model learned something: held-out perplexity far below a unigram model.
 
-The check is the evaluation docs/training.md reports (glm_core.training.evaluate): held-out
+The check is the evaluation docs/training.md reports (glm_runtime.training.evaluate): held-out
 rows of the bundled corpus built by the training collator, the model's perplexity on the
 Part-B text tokens against add-one-smoothed unigram frequencies of the training split. It
 fails if the committed weights regress (a collapsed run scores at the unigram level) or if
@@ -9,7 +9,6 @@ the graph, the masks or the positions stop matching what the model was trained w
 from __future__ import annotations
 
 import pytest
-
 from conftest import ROOT
 
 MODEL = ROOT / "glm_core" / "assets" / "glm-tiny"
@@ -25,9 +24,9 @@ MAX_INT8_RISE, MAX_INT4_RISE = 0.01, 0.10
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from glm_core.tokenizer import Tokenizer
-    from glm_core.training import data
-    from glm_core.training.evaluate import evaluate_model_dir
+    from glm_runtime.core.tokenizer import Tokenizer
+    from glm_runtime.training import data
+    from glm_runtime.training.evaluate import evaluate_model_dir
 
     shards = tmp_path_factory.mktemp("shards")
     data.build_shards(data.corpus_files(ROOT / "data" / "corpus"), Tokenizer(MODEL / "tokenizer.model"), shards,

@@ -13,15 +13,14 @@ import json
 import pytest
 import torch
 import transformers
-
-from converters import chatglm
-from converters.tensor_io import read_state_dict
-from glm_core import load_model
-from glm_core.api import random_state
-from glm_core.errors import CheckpointError
-from glm_core.presets import preset
-
 from conftest import peaked_state
+
+from glm_runtime import load_model
+from glm_runtime.converters import chatglm
+from glm_runtime.converters.tensor_io import read_state_dict
+from glm_runtime.core.build import random_state
+from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.presets import preset
 
 
 def _weights(cfg, seed=0):

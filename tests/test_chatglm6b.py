@@ -18,14 +18,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from converters import chatglm
-from converters.tensor_io import read_config_json
-from glm_core import load_model
-from glm_core.masks import prefill_inputs
-from glm_core.presets import preset
-
 from conftest import peaked_state
+
+from glm_runtime import load_model
+from glm_runtime.converters import chatglm
+from glm_runtime.converters.tensor_io import read_config_json
+from glm_runtime.core.masks import prefill_inputs
+from glm_runtime.core.presets import preset
 
 MASK, GMASK, SOP, EOP, PAD = 130000, 130001, 130004, 130005, 3
 
@@ -133,7 +132,7 @@ def reference_greedy(files_sd, hfc, row, n):
 
 
 def _files(d):
-    from converters.tensor_io import read_state_dict
+    from glm_runtime.converters.tensor_io import read_state_dict
 
     return read_state_dict(d)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import sentencepiece as spm
 
-from glm_core.chat import build_chat_ids, stop_ids
-from glm_core.errors import GLMError
-from glm_core.presets import preset
-from glm_core.tokenizer import Tokenizer
+from glm_runtime.core.chat import build_chat_ids, stop_ids
+from glm_runtime.core.errors import GLMError
+from glm_runtime.core.presets import preset
+from glm_runtime.core.tokenizer import Tokenizer
 
 
 def test_chatglm6b_rounds(sp_model):

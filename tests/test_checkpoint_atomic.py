@@ -15,19 +15,19 @@ import textwrap
 
 import pytest
 import torch
-
-from glm_core.errors import CheckpointError
-from glm_core.registry import get_backend
-from glm_core.training import checkpoint
-from glm_core.training.run import prepare
 from train_helpers import ROOT, env, tiny_config, tiny_corpus, tiny_tokenizer
+
+from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.registry import get_backend
+from glm_runtime.training import checkpoint
+from glm_runtime.training.run import prepare
 
 CHILD = textwrap.dedent("""
     import os, signal, sys, yaml
     import safetensors.torch
-    from glm_core.registry import get_backend
-    from glm_core.training import checkpoint
-    from glm_core.training.run import prepare
+    from glm_runtime.core.registry import get_backend
+    from glm_runtime.training import checkpoint
+    from glm_runtime.training.run import prepare
 
     point = sys.argv[2]
     cfg = yaml.safe_load(open(sys.argv[1]))

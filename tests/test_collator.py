@@ -1,15 +1,15 @@
 """The GLM blank-infilling collator: the objective's layout, statistics, positions that match
-what the runtime builds at inference (glm_core.masks), packing, and exact resumability."""
+what the runtime builds at inference (glm_runtime.core.masks), packing, and exact resumability."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from glm_core.masks import prefill_inputs
-from glm_core.presets import preset
-from glm_core.training.collator import IGNORE, Collator, ObjectiveConfig, SpecialIds
-from glm_core.training.data import TokenStream, build_shards, read_documents, split_documents
+from glm_runtime.core.masks import prefill_inputs
+from glm_runtime.core.presets import preset
+from glm_runtime.training.collator import IGNORE, Collator, ObjectiveConfig, SpecialIds
+from glm_runtime.training.data import TokenStream, build_shards, read_documents, split_documents
 
 V = 1000
 END = 7  # the "sentence end" token of the synthetic stream
@@ -119,7 +119,7 @@ def test_objective_shares_and_gmask_lengths():
 @pytest.mark.parametrize("share", [1.0, 0.0])
 def test_positions_and_mask_match_inference(positions, share):
     """The first span of every sample, seen as a prompt ``Part A + [sop] + span``, gets from
-    glm_core.masks (what generation uses) exactly the collator's positions and mask."""
+    glm_runtime.core.masks (what generation uses) exactly the collator's positions and mask."""
     rope = "neox_2d" if positions == "2d" else "neox"
     config = cfg130b(rope=rope, rope_dim=24 if positions == "1d" else 24, head_dim=24)
     col = Collator(stream(), 128, ObjectiveConfig(mask_share=share, positions=positions, pack=2,
@@ -201,8 +201,9 @@ def test_state_restores_the_exact_batches():
 
 def test_heldout_split_is_stable_and_disjoint(tmp_path):
     from train_helpers import tiny_corpus, tiny_tokenizer
-    from glm_core.tokenizer import Tokenizer
-    from glm_core.training.data import corpus_files, read_index
+
+    from glm_runtime.core.tokenizer import Tokenizer
+    from glm_runtime.training.data import corpus_files, read_index
 
     corpus = tiny_corpus(tmp_path)
     docs = read_documents(corpus_files(corpus))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from glm_core import GLMConfig, GLMError, preset
-from glm_core.presets import PRESETS
+from glm_runtime import GLMConfig, GLMError, preset
+from glm_runtime.core.presets import PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

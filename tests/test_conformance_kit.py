@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm_core.conformance import run_grid
-from glm_core.ops import Kernel, reference
+from glm_runtime.conformance.cases import run_grid
+from glm_runtime.core.ops import Kernel, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def test_kit_passes_the_cpu_backend_via_the_pytest_plugin():
 
 
 def test_kit_in_process_on_the_reference_ops_is_exact_enough():
-    from backends.cpu.plugin import CPUBackend
+    from glm_runtime.backends.cpu.plugin import CPUBackend
 
     res = run_grid(CPUBackend().kernels(), [torch.float32])
     assert res and all(r.ok for r in res), [r for r in res if not r.ok]
@@ -65,9 +65,9 @@ def test_kit_fails_python_level_plants():
     assert "out of tolerance" in res["rotary-interleaved-full"].detail
 
     # the model-level check catches the rotary plant too (ChatGLM2 uses interleaved pairs)
-    from backends.cpu.plugin import CPUBackend
-    from glm_core.conformance.model_check import compare
-    from glm_core.conformance.target import Target
+    from glm_runtime.backends.cpu.plugin import CPUBackend
+    from glm_runtime.conformance.model_check import compare
+    from glm_runtime.conformance.target import Target
 
     cpu = CPUBackend()
     target = Target(cpu, {**cpu.kernels(), "rotary": planted["rotary"]}, torch.device("cpu"), (torch.float32,), True)
@@ -79,10 +79,10 @@ def test_kit_fails_python_level_plants():
 PLANTED = '''
 """A GPU backend whose Triton kernels carry planted bugs (run with TRITON_INTERPRET=1)."""
 import torch
-from backends.cuda.plugin import CUDABackend
-from backends.triton import norms, rotary
-from backends.triton.launch import pow2
-from glm_core.ops import Kernel
+from glm_runtime.backends.cuda.plugin import CUDABackend
+from glm_runtime.backends.triton import norms, rotary
+from glm_runtime.backends.triton.launch import pow2
+from glm_runtime.core.ops import Kernel
 
 HALF = frozenset({torch.float16, torch.float32})
 
@@ -97,7 +97,7 @@ def rms_norm_off_by_one(x, weight, eps):
 
 
 def rotary_wrong_layout(x, cos, sin, layout):
-    from backends.triton.tuning import RotaryCfg
+    from glm_runtime.backends.triton.tuning import RotaryCfg
     return rotary.rotary(x, cos, sin, "neox" if layout == "interleaved" else layout, RotaryCfg())
 
 
@@ -135,8 +135,8 @@ def test_plugin_is_inert_without_a_backend_option(tmp_path):
 
 
 def test_unknown_or_unavailable_backend_is_a_clear_error():
-    from glm_core.conformance.target import resolve
-    from glm_core.errors import BackendError
+    from glm_runtime.conformance.target import resolve
+    from glm_runtime.core.errors import BackendError
 
     with pytest.raises(BackendError, match="unknown backend 'nonesuch'"):
         resolve("nonesuch", None, False, None)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_conformance_kit import ROOT, kit
 
 TEMPLATE = ROOT / "examples" / "glm-backend-template"
@@ -37,16 +36,16 @@ def _env(site):
 
 def test_template_is_discovered_listed_and_selected(template_site):
     env = _env(template_site)
-    r = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "backends"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "backends"], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "template: available - template kernels on the host CPU" in r.stdout
     assert "from glm_backend_template.plugin (entry point 'template')" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "doctor", "--backend", "template"],
+    r = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "doctor", "--backend", "template"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "[ok] template smoke" in r.stdout, r.stdout + r.stderr
-    code = ("from glm_core.registry import get_backend; from glm_core.api import build_model; "
-            "from glm_core.presets import preset; b = get_backend('template'); "
+    code = ("from glm_runtime.core.registry import get_backend; from glm_runtime.core.build import build_model; "
+            "from glm_runtime.core.presets import preset; b = get_backend('template'); "
             "m = build_model(preset('tiny-chatglm2'), None, b, strict_ops=True); "
             "print(type(b).__module__, m.ops.format_report())")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_hf_model
 from safetensors.torch import load_file
 
-from conftest import make_hf_model
-from converters import hf, native
-from converters.detect import load_checkpoint
-from glm_core.cli.main import main as glmrt
+from glm_runtime.cli.main import main as glmrt
+from glm_runtime.converters import hf, native
+from glm_runtime.converters.detect import load_checkpoint
 
 
 def hf_tensors(d):

@@ -9,7 +9,7 @@ PROMPT = "The quick brown [MASK] jumps over the lazy dog."
 
 
 def glmrt(*args):
-    return subprocess.run([sys.executable, "-m", "glm_core.cli.main", "generate", "--backend", "cpu",
+    return subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "generate", "--backend", "cpu",
                            "--strict-ops", *args], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0"))
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import torch
 from test_sat import TINY_ARGS, _weights, reference_glm130b
 
-from converters import chatglm, hf, sat
-from converters.tensor_io import read_pickle, read_state_dict
-from glm_core import load_model
-from glm_core.api import random_state
-from glm_core.cli.main import main
-from glm_core.model import Rotary
-from glm_core.presets import preset
+from glm_runtime import load_model
+from glm_runtime.cli.main import main
+from glm_runtime.converters import chatglm, hf, sat
+from glm_runtime.converters.tensor_io import read_pickle, read_state_dict
+from glm_runtime.core.build import random_state
+from glm_runtime.core.model import Rotary
+from glm_runtime.core.presets import preset
 
 MASK, GMASK, SOP, EOP, EOS = 150000, 150001, 150004, 150005, 20002
 

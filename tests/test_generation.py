@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import left_padded_batch
-from glm_core.api import GLM, build_model
-from glm_core.generation import SamplingConfig, process_logits
-from glm_core.presets import preset
-from glm_core.registry import get_backend
+
+from glm_runtime.api import GLM
+from glm_runtime.core.build import build_model
+from glm_runtime.core.generation import SamplingConfig, process_logits
+from glm_runtime.core.presets import preset
+from glm_runtime.core.registry import get_backend
 
 
 def tiny(name, **over):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import left_padded_batch, make_hf_model
-from glm_core import load_model
+
+from glm_runtime import load_model
 
 TOL = 1e-4
 

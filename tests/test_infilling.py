@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from converters import native
-from glm_core import load_model
-from glm_core.api import random_state
-from glm_core.cli.main import main
-from glm_core.infilling import fill_blanks, infill_prompt
-from glm_core.masks import decode_inputs, prefill_inputs
-from glm_core.presets import preset
-from glm_core.tokenizer import Tokenizer
+from glm_runtime import load_model
+from glm_runtime.cli.main import main
+from glm_runtime.converters import native
+from glm_runtime.core.build import random_state
+from glm_runtime.core.infilling import fill_blanks, infill_prompt
+from glm_runtime.core.masks import decode_inputs, prefill_inputs
+from glm_runtime.core.presets import preset
+from glm_runtime.core.tokenizer import Tokenizer
 
 MASK, GMASK, SMASK, SOP, EOP, EOS = 150000, 150001, 150002, 150004, 150005, 20002
 

@@ -19,9 +19,9 @@ import types
 import pytest
 import torch
 
-from glm_core.conformance import run_grid
-from glm_core.conformance.model_check import compare
-from glm_core.conformance.target import Target
+from glm_runtime.conformance.cases import run_grid
+from glm_runtime.conformance.model_check import compare
+from glm_runtime.conformance.target import Target
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -160,7 +160,7 @@ def fake_npu(monkeypatch):
 
 
 def test_every_npu_op_conforms_through_the_documented_signatures(fake_npu):
-    from backends.npu.plugin import NPUBackend
+    from glm_runtime.backends.npu.plugin import NPUBackend
 
     kernels = NPUBackend().kernels()
     results = run_grid(kernels, (torch.float16, torch.bfloat16, torch.float32))
@@ -178,8 +178,8 @@ def test_every_npu_op_conforms_through_the_documented_signatures(fake_npu):
 
 
 def test_int4_pack_is_made_once_per_weight(fake_npu):
-    from backends.npu import kernels as K
-    from glm_core.quant import quantize
+    from glm_runtime.backends.npu import kernels as K
+    from glm_runtime.core.quant import quantize
 
     qw, sc = quantize(torch.randn(24, 32), 4)
     x = torch.randn(3, 32).half()
@@ -190,9 +190,9 @@ def test_int4_pack_is_made_once_per_weight(fake_npu):
 
 
 def test_prefix_detection_matches_glm_masks():
-    from backends.npu.kernels import prefix_lengths
-    from glm_core.masks import prefill_inputs
-    from glm_core.presets import preset
+    from glm_runtime.backends.npu.kernels import prefix_lengths
+    from glm_runtime.core.masks import prefill_inputs
+    from glm_runtime.core.presets import preset
 
     c = preset("tiny-glm-130b")
     body = [5, 6, 7, c.gmask_token_id, c.sop_token_id, 9, 10]
@@ -206,7 +206,7 @@ def test_prefix_detection_matches_glm_masks():
 
 
 def test_model_runs_through_the_fake_npu(fake_npu):
-    from backends.npu.plugin import NPUBackend
+    from glm_runtime.backends.npu.plugin import NPUBackend
 
     b = NPUBackend()
     target = Target(b, b.kernels(), torch.device("cpu"), (torch.float16,), host=True)
@@ -216,7 +216,7 @@ def test_model_runs_through_the_fake_npu(fake_npu):
 
 
 def test_probe_explains_each_state(monkeypatch):
-    from backends.npu import plugin
+    from glm_runtime.backends.npu import plugin
 
     monkeypatch.delitem(sys.modules, "torch_npu", raising=False)
     monkeypatch.setattr(plugin.importlib.util, "find_spec", lambda name: None)

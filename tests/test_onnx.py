@@ -21,15 +21,15 @@ import sys
 import pytest
 import torch
 
-from converters import native
-from converters.onnx import layout
-from converters.onnx.export import export
-from glm_core import load_model, preset
-from glm_core.api import random_state
-from glm_core.errors import BackendError, CheckpointError, GLMError
-from glm_core.generation import full_inputs
-from glm_core.kv_cache import KVCache
-from glm_core.masks import decode_inputs, prefill_inputs
+from glm_runtime import load_model, preset
+from glm_runtime.converters import native
+from glm_runtime.converters.onnx import layout
+from glm_runtime.converters.onnx.export import export
+from glm_runtime.core.build import random_state
+from glm_runtime.core.errors import BackendError, CheckpointError, GLMError
+from glm_runtime.core.generation import full_inputs
+from glm_runtime.core.kv_cache import KVCache
+from glm_runtime.core.masks import decode_inputs, prefill_inputs
 
 FAMILIES = ["tiny-glm-130b", "tiny-chatglm-6b", "tiny-chatglm2", "tiny-glm-4", "tiny-glm-4-0414"]
 ATOL = 1e-4
@@ -74,7 +74,7 @@ def exports(tmp_path_factory):
         native.save(root / name / "native", cfg, wide_state(cfg))
         for int8 in (False, True) if name == INT8 else (False,):
             out = root / name / ("int8" if int8 else "onnx")
-            cmd = [sys.executable, "-m", "glm_core.cli.main", "export-onnx", str(root / name / "native"), str(out)]
+            cmd = [sys.executable, "-m", "glm_runtime.cli.main", "export-onnx", str(root / name / "native"), str(out)]
             jobs[name, int8] = subprocess.Popen(cmd + ["--int8"] * int8, stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, text=True, env=ENV)
     done = {}
@@ -236,7 +236,7 @@ def test_cli_error_is_one_line(pairs, tmp_path):
     d = _copy(pairs("tiny-chatglm2").onnx_dir, tmp_path / "x")
     os.unlink(d / layout.DATA)
     env = dict(os.environ, TORCH_DEVICE_BACKEND_AUTOLOAD="0")
-    r = subprocess.run([sys.executable, "-m", "glm_core.cli.main", "generate", str(d), "--backend", "onnx",
+    r = subprocess.run([sys.executable, "-m", "glm_runtime.cli.main", "generate", str(d), "--backend", "onnx",
                         "--ids", "5,6,7"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     lines = [x for x in r.stderr.strip().splitlines() if not x.startswith("WARNING")]
@@ -264,7 +264,7 @@ def test_provider_policy(pairs, caplog):
 
 def test_failed_export_writes_nothing(tmp_path, monkeypatch):
     """A failure after files were written (here: in the graph stage) leaves no output."""
-    from converters.onnx import export as ex
+    from glm_runtime.converters.onnx import export as ex
 
     def broken(model, path, opset):
         path.write_bytes(b"partial")
@@ -289,7 +289,7 @@ def test_cli_int8_export(pairs, exports):
     """
     import onnx
 
-    from glm_core.cli.main import main
+    from glm_runtime.cli.main import main
 
     p = pairs(INT8)
     out, text = p.int8_dir, exports[INT8, True][1]

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glm_core import quant
-from glm_core.ops import OPS, reference, tolerance
-from glm_core.registry import get_backend
+from glm_runtime.core import quant
+from glm_runtime.core.ops import OPS, OpTable, reference, tolerance
+from glm_runtime.core.registry import get_backend
 
 
 def angles(*vals):
@@ -143,3 +143,10 @@ def test_cpu_kernels_match_reference_fp32(op):
     args = _inputs(op, torch.Generator().manual_seed(0))
     atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(kernel.fn(*args), OPS[op].reference(*args), atol=atol, rtol=rtol)
+
+
+def test_op_table_declares_every_op_of_the_contract():
+    """OpTable's typed fields (what type checkers and editors see) are exactly the contract's ops."""
+    assert set(OpTable.__annotations__) == set(OPS)
+    table = OpTable("reference", {}, torch.float32, strict=False)
+    assert all(callable(getattr(table, op)) for op in OPS)

@@ -15,16 +15,16 @@ import json
 import pytest
 import torch
 
-from backends.cpu import quant_kernels
-from converters import chatglm, native
-from converters.quantize import dequantize_state, quantize_state
-from glm_core import load_model
-from glm_core.api import random_state
-from glm_core.cli.main import main
-from glm_core.ops import reference
-from glm_core.ops.contract import tolerance
-from glm_core.presets import preset
-from glm_core.quant import dequantize, pack_int4, quantize, unpack_int4
+from glm_runtime import load_model
+from glm_runtime.backends.cpu import quant_kernels
+from glm_runtime.cli.main import main
+from glm_runtime.converters import chatglm, native
+from glm_runtime.converters.quantize import dequantize_state, quantize_state
+from glm_runtime.core.build import random_state
+from glm_runtime.core.ops import reference
+from glm_runtime.core.ops.contract import tolerance
+from glm_runtime.core.presets import preset
+from glm_runtime.core.quant import dequantize, pack_int4, quantize, unpack_int4
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -67,10 +67,9 @@ def test_kernel_matches_dequantised_reference(bits, n, k):
 def test_repack_cached_and_invalidated():
     q, s = quantize(torch.randn(48, 64), 4)
     x = torch.randn(2, 64)
+    first = quant_kernels._prepare(q, s, 4)
     quant_kernels.quantized_linear(x, q, s, None, 4)
-    first = getattr(q, quant_kernels._CACHE_ATTR)
-    quant_kernels.quantized_linear(x, q, s, None, 4)
-    assert getattr(q, quant_kernels._CACHE_ATTR) is first  # repacked once
+    assert quant_kernels._prepare(q, s, 4) is first  # repacked once
     q.neg_()  # in-place change: the cached form must not be used
     got = quant_kernels.quantized_linear(x, q, s, None, 4)
     assert torch.allclose(got, reference.quantized_linear(x, q, s, None, 4), atol=1e-5, rtol=1e-5)
@@ -114,7 +113,7 @@ def test_prequantized_chatglm_checkpoint_loads(tmp_path):
     chatglm.write(tmp_path / "int4", qc, qs)
     hfc = json.loads((tmp_path / "int4" / "config.json").read_text())
     assert hfc["quantization_bit"] == 4
-    from converters.tensor_io import read_state_dict
+    from glm_runtime.converters.tensor_io import read_state_dict
 
     files = read_state_dict(tmp_path / "int4")
     k = "transformer.encoder.layers.0.self_attention.query_key_value"
@@ -141,7 +140,7 @@ def test_prequantized_chatglm6b_int8_roundtrip(tmp_path):
     cfg = preset("tiny-chatglm-6b", rope_fp16=True, num_layers=1)
     qc, qs = quantize_state(cfg, random_state(cfg, seed=3), 8)
     chatglm.write(tmp_path / "int8", qc, qs)
-    from converters.tensor_io import read_state_dict
+    from glm_runtime.converters.tensor_io import read_state_dict
 
     files = read_state_dict(tmp_path / "int8")
     assert files["transformer.layers.0.mlp.dense_4h_to_h.weight"].dtype == torch.int8

@@ -10,10 +10,10 @@ import types
 import pytest
 import torch
 
-from glm_core.errors import BackendError
-from glm_core.ops import Kernel, OpTable
-from glm_core.ops import table as op_table
-from glm_core.registry import Backend, Probe, hookimpl, selection
+from glm_runtime.core.errors import BackendError
+from glm_runtime.core.ops import Kernel, OpTable
+from glm_runtime.core.ops import table as op_table
+from glm_runtime.core.registry import Backend, Probe, hookimpl, selection
 
 
 class FakeEP:
@@ -123,7 +123,7 @@ def test_extra_kernels_hook_contributes_to_a_backend(plugins):
 def test_fallback_warns_once_and_strict_fails(caplog):
     op_table._warned.clear()
     partial = {"linear": Kernel(lambda *a: None)}
-    with caplog.at_level(logging.WARNING, logger="glm_core.ops"):
+    with caplog.at_level(logging.WARNING, logger="glm_runtime.core.ops"):
         t = OpTable("toy", partial, torch.float32, strict=False, required=("linear", "attention"))
         OpTable("toy", partial, torch.float32, strict=False, required=("linear", "attention"))
     warnings = [r.message for r in caplog.records if "attention" in r.message]
@@ -146,8 +146,8 @@ def test_unknown_op_is_rejected():
 
 
 def test_cpu_backend_needs_no_fallback_in_strict_mode():
-    from glm_core.api import build_op_table
-    from glm_core.presets import preset
+    from glm_runtime.core.build import op_table as build_op_table
+    from glm_runtime.core.presets import preset
 
     for name in ("tiny-glm-4", "tiny-glm-130b", "tiny-chatglm-6b"):
         t = build_op_table(selection.get_backend("cpu"), preset(name), torch.float32, strict=True)
@@ -155,7 +155,7 @@ def test_cpu_backend_needs_no_fallback_in_strict_mode():
 
 
 def test_backends_command_lists_cpu(capsys):
-    from glm_core.cli.main import main
+    from glm_runtime.cli.main import main
 
     assert main(["backends", "--ops"]) == 0
     out = capsys.readouterr().out

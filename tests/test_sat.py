@@ -14,15 +14,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from converters import sat
-from converters.tensor_io import read_pickle
-from glm_core import load_model
-from glm_core.cli.main import main
-from glm_core.errors import CheckpointError
-from glm_core.presets import preset
-
 from conftest import peaked_state
+
+from glm_runtime import load_model
+from glm_runtime.cli.main import main
+from glm_runtime.converters import sat
+from glm_runtime.converters.tensor_io import read_pickle
+from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.presets import preset
 
 MASK, GMASK, SOP, EOS = 150000, 150001, 150004, 20002
 TINY_ARGS = ("--model-parallel-size 4 --num-layers 2 --hidden-size 64 --inner-hidden-size 96 --vocab-size 150528 "
@@ -197,8 +196,8 @@ def test_cli_convert_sat_roundtrip(dirs, tmp_path, capsys):
 
 
 def test_quantized_sat_tp1_loads_and_tp2_is_refused(dirs, tmp_path):
-    from converters import native
-    from converters.quantize import quantize_state
+    from glm_runtime.converters import native
+    from glm_runtime.converters.quantize import quantize_state
 
     _, cfg, sd = dirs
     qc, qs = quantize_state(cfg, sd, 4)

@@ -12,15 +12,15 @@ import math
 import pytest
 import torch
 
-from glm_core.model import GLMModel
-from glm_core.ops import OpTable
-from glm_core.presets import preset
-from glm_core.training.collator import Collator, ObjectiveConfig, SpecialIds
-from glm_core.training.data import TokenStream
-from glm_core.training.optim import OptimConfig
-from glm_core.training.scaler import LossScaler, ScalerConfig
-from glm_core.training.stability import deepnorm_state
-from glm_core.training.trainer import TrainConfig, Trainer
+from glm_runtime.core.model import GLMModel
+from glm_runtime.core.ops import OpTable
+from glm_runtime.core.presets import preset
+from glm_runtime.training.collator import Collator, ObjectiveConfig, SpecialIds
+from glm_runtime.training.data import TokenStream
+from glm_runtime.training.optim import OptimConfig
+from glm_runtime.training.scaler import LossScaler, ScalerConfig
+from glm_runtime.training.stability import deepnorm_state
+from glm_runtime.training.trainer import TrainConfig, Trainer
 
 V = 64
 IDS = SpecialIds(mask=V - 5, gmask=V - 4, smask=V - 3, sop=V - 2, eop=V - 1, pad=0)

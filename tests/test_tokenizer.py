@@ -1,7 +1,7 @@
 """The sentencepiece wrapper: markers, special ids after the pieces, decoding."""
 from __future__ import annotations
 
-from glm_core.tokenizer import Tokenizer
+from glm_runtime.core.tokenizer import Tokenizer
 
 
 def test_markers_and_round_trip(sp_model):
@@ -14,7 +14,7 @@ def test_markers_and_round_trip(sp_model):
 
 
 def test_config_ids_override_the_default_layout(sp_model):
-    from glm_core.presets import preset
+    from glm_runtime.core.presets import preset
 
     tok = Tokenizer(sp_model, preset("tiny-chatglm2"))
     assert tok.encode("[gMASK]<sop>") == [64790, 64792]
@@ -23,7 +23,7 @@ def test_config_ids_override_the_default_layout(sp_model):
 def test_missing_model_is_a_clear_error(tmp_path):
     import pytest
 
-    from glm_core.errors import GLMError
+    from glm_runtime.core.errors import GLMError
 
     with pytest.raises(GLMError, match="tokenizer model not found"):
         Tokenizer(tmp_path / "nope.model")

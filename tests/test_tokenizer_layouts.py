@@ -16,8 +16,8 @@ import json
 import pytest
 import sentencepiece as spm
 
-from glm_core.presets import preset
-from glm_core.tokenizer import Tokenizer
+from glm_runtime.core.presets import preset
+from glm_runtime.core.tokenizer import Tokenizer
 
 ICE_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 ICE_PIECES = ["<n>", "<|tab|>"] + [f"<|blank_{k}|>" for k in range(2, 81)]

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from glm_core.training.monitor import read_log
 from train_helpers import ROOT, env, tiny_config, tiny_corpus, tiny_tokenizer, write_config
+
+from glm_runtime.training.monitor import read_log
 
 pytestmark = pytest.mark.slow
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -91,7 +91,7 @@ def test_resume_under_mpiexec_tp2_pp2_is_bit_identical(setup):
     for a, b in zip(straight, resumed):
         assert {k: a[k] for k in KEYS + ("lr", "batch_size", "tokens")} == \
             {k: b[k] for k in KEYS + ("lr", "batch_size", "tokens")}, a["step"]
-    from converters.tensor_io import read_safetensors
+    from glm_runtime.converters.tensor_io import read_safetensors
 
     a = read_safetensors(d / "straight" / "model" / "model.safetensors")
     b = read_safetensors(run / "model" / "model.safetensors")
@@ -100,7 +100,7 @@ def test_resume_under_mpiexec_tp2_pp2_is_bit_identical(setup):
 
 def test_resume_on_another_layout_reshards_weights_and_adam_state(setup):
     """A one-process checkpoint resumed under TP=2 x PP=2 (weights and AdamW moments cut by
-    parallel.tensor.shard) continues the one-process curve within the layout tolerance;
+    glm_runtime.core.sharding.shard) continues the one-process curve within the layout tolerance;
     the TP x PP checkpoint read back by one process gives the gathered weights exactly."""
     import shutil
 
@@ -123,7 +123,7 @@ def test_resume_on_another_layout_reshards_weights_and_adam_state(setup):
     shutil.copytree(run / "checkpoints" / "step-00000012", back / "checkpoints" / "step-00000012")
     (back / "checkpoints" / "latest").write_text("step-00000012\n")
     _train(cfg, back, extra=flags)
-    from converters.tensor_io import read_safetensors
+    from glm_runtime.converters.tensor_io import read_safetensors
 
     a = read_safetensors(run / "model" / "model.safetensors")
     b = read_safetensors(back / "model" / "model.safetensors")

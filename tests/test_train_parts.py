@@ -7,17 +7,17 @@ import math
 
 import pytest
 import torch
-
-from glm_core.cli.main import main as glmrt
-from glm_core.errors import GLMError
-from glm_core.model import GLMModel
-from glm_core.ops import OpTable
-from glm_core.presets import preset
-from glm_core.registry import get_backend
-from glm_core.training.optim import OptimConfig, batch_size_at, clip_grads, lr_at, param_groups
-from glm_core.training.run import prepare
-from glm_core.training.stability import deepnorm_state, shrink_embedding_gradient
 from train_helpers import tiny_config, tiny_corpus, tiny_tokenizer
+
+from glm_runtime.cli.main import main as glmrt
+from glm_runtime.core.errors import GLMError
+from glm_runtime.core.model import GLMModel
+from glm_runtime.core.ops import OpTable
+from glm_runtime.core.presets import preset
+from glm_runtime.core.registry import get_backend
+from glm_runtime.training.optim import OptimConfig, batch_size_at, clip_grads, lr_at, param_groups
+from glm_runtime.training.run import prepare
+from glm_runtime.training.stability import deepnorm_state, shrink_embedding_gradient
 
 
 def small130b(**kw):
@@ -141,9 +141,8 @@ def test_cli_trains_logs_and_plots(small, tmp_path, capsys):
     assert recs[-1]["loss"] < recs[0]["loss"]
     assert (run / "model" / "config.json").is_file() and (run / "model" / "tokenizer.model").is_file()
     # the exported model loads with the inference API
-    from glm_core import load_model
-
-    from glm_core.tokenizer import Tokenizer
+    from glm_runtime import load_model
+    from glm_runtime.core.tokenizer import Tokenizer
 
     m = load_model(run / "model", backend="cpu")
     c = m.config
@@ -176,8 +175,8 @@ def test_cli_errors_are_one_line(small, tmp_path, capsys):
 def test_trained_model_ids_match_its_tokenizer(small):
     """The model config made for a trained tokenizer lays out ids as the tokenizer wrapper
     reads them back with that config (specials right after the pieces, no image offset)."""
-    from glm_core.tokenizer import Tokenizer
-    from glm_core.training.run import model_config
+    from glm_runtime.core.tokenizer import Tokenizer
+    from glm_runtime.training.run import model_config
 
     d, corpus, tok_file = small
     tok = Tokenizer(tok_file)

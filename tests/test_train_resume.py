@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-
-from glm_core.training.monitor import read_log
 from train_helpers import glmrt, tiny_config, tiny_corpus, tiny_tokenizer, write_config
+
+from glm_runtime.training.monitor import read_log
 
 CURVE = ("loss", "grad_norm", "embed_grad_norm", "lr", "loss_scale", "batch_size", "tokens", "skipped")
 
@@ -69,7 +69,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(setup):
         assert a.get("eval_loss") == b.get("eval_loss")
     # and the final weights, bit for bit (not the files' bytes: safetensors writes its
     # metadata map in a random order)
-    from converters.tensor_io import read_safetensors
+    from glm_runtime.converters.tensor_io import read_safetensors
 
     a = read_safetensors(d / "straight" / "model" / "model.safetensors")
     b = read_safetensors(run / "model" / "model.safetensors")

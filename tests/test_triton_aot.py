@@ -6,7 +6,7 @@ interpreter cannot: that the NVIDIA and AMD compilers accept every kernel at GLM
 (head 128, hidden 4096) with the launch configuration of a tuning entry, and that the
 shared memory it needs fits the architecture. Run in a subprocess: the kernels must be
 defined without ``TRITON_INTERPRET``. The full matrix (every entry, fp16 and bf16) is
-``python -m backends.triton.aot --dtypes fp16,bf16``; its result is in docs/backends.md.
+``python -m glm_runtime.backends.triton.aot --dtypes fp16,bf16``; its result is in docs/backends.md.
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_conformance_kit import ROOT
 
 
@@ -23,7 +22,7 @@ from test_conformance_kit import ROOT
 def test_kernels_compile_for_nvidia_and_amd_targets():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TORCH_DEVICE_BACKEND_AUTOLOAD"] = "0"
-    r = subprocess.run([sys.executable, "-m", "backends.triton.aot", "cuda/sm_90", "rocm/gfx942", "dcu/gfx906"],
+    r = subprocess.run([sys.executable, "-m", "glm_runtime.backends.triton.aot", "cuda/sm_90", "rocm/gfx942", "dcu/gfx906"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -15,7 +15,6 @@ verify everything but the bf16 tensor-core path itself.
 from __future__ import annotations
 
 import pytest
-
 from test_conformance_kit import kit
 
 INTERP = {"TRITON_INTERPRET": "1"}
@@ -68,9 +67,9 @@ def test_cuda_triton_kernels_two_process_tensor_parallel():
 
 SKIP_CHECK = r"""
 import torch
-from backends.triton import attention as A
-from backends.triton.tuning import AttnCfg
-from glm_core.ops import reference as R
+from glm_runtime.backends.triton import attention as A
+from glm_runtime.backends.triton.tuning import AttnCfg
+from glm_runtime.core.ops import reference as R
 
 g = torch.Generator().manual_seed(0)
 B, H, T, D = 2, 2, 40, 16

@@ -17,7 +17,7 @@ def tiny_corpus(d: Path, docs_per_file: int = 120) -> Path:
     tokenizer cannot cover the Chinese file's thousands of characters)."""
     out = d / "corpus"
     out.mkdir(parents=True, exist_ok=True)
-    from glm_core.training.data import read_documents
+    from glm_runtime.training.data import read_documents
 
     for f in sorted((ROOT / "data" / "corpus").glob("en_*.txt")):
         docs = read_documents([f])[:docs_per_file]
@@ -26,7 +26,7 @@ def tiny_corpus(d: Path, docs_per_file: int = 120) -> Path:
 
 
 def tiny_tokenizer(d: Path, corpus: Path, vocab: int = 400) -> Path:
-    from glm_core.training.data import corpus_files, train_tokenizer
+    from glm_runtime.training.data import corpus_files, train_tokenizer
 
     return train_tokenizer(corpus_files(corpus), d / "tok" / "tokenizer", vocab, heldout_every=8)
 
@@ -63,5 +63,5 @@ def env() -> dict:
 
 
 def glmrt(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "glm_core.cli.main", *args], cwd=ROOT, env=env(),
+    return subprocess.Popen([sys.executable, "-m", "glm_runtime.cli.main", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)

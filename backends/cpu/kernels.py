@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glm_core.ops import reference
-
 
 def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)

@@ -1,4 +1,4 @@
-"""Entry point of the cpu backend (group ``glm_core.backends``)."""
+"""Entry point of the cpu backend (group ``glm_runtime.backends``)."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import platform
 
 import torch
 
-from glm_core.ops import Kernel, reference
-from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
+from glm_runtime.core.ops import Kernel, reference
+from glm_runtime.core.registry import Backend, Capabilities, Check, Probe, hookimpl
 
 from . import kernels, quant_kernels
 
@@ -31,8 +31,7 @@ class CPUBackend(Backend):
                      devices=[platform.processor() or platform.machine()])
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(arch=platform.machine(), compute_dtypes=(torch.float32,),
-                            fused_attention_fp32_softmax=True)
+        return Capabilities(arch=platform.machine(), compute_dtypes=(torch.float32,))
 
     def kernels(self) -> dict[str, Kernel]:
         return {

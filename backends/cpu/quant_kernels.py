@@ -15,8 +15,8 @@ The weights stay in their low-bit form; nothing dequantises the whole matrix per
   kernel needs ``N % 16 == 0`` and ``K % 32 == 0``; other shapes are unpacked once to int8
   (the same values) and use the INT8 kernel, with a warning.
 
-The repacked form is built once per weight tensor and cached on that tensor object
-(rebuilt if the tensor is modified in place), so decoding pays only the GEMM.
+The repacked form is built once per weight tensor (:func:`~glm_runtime.core.ops.derived.derived`),
+so decoding pays only the GEMM.
 """
 from __future__ import annotations
 
@@ -24,19 +24,19 @@ import logging
 
 import torch
 
-from glm_core.quant import unpack_int4
+from glm_runtime.core.ops.derived import derived
+from glm_runtime.core.quant import unpack_int4
 
-log = logging.getLogger("backends.cpu")
+log = logging.getLogger("glm_runtime.backends.cpu")
 _GROUPS = (256, 128, 64, 32)
-_CACHE_ATTR = "_glm_cpu_lowbit"
 
 
 def _prepare(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
-    """('int8', w, s) or ('int4', packed, group, scale_zeros), cached on ``qweight``."""
-    key = (qweight._version, scale._version, scale.data_ptr(), bits)
-    hit = getattr(qweight, _CACHE_ATTR, None)
-    if hit is not None and hit[0] == key:
-        return hit[1]
+    """('int8', w, s) or ('int4', packed, group, scale_zeros), built once per weight."""
+    return derived(qweight, ("cpu-lowbit", bits), lambda: _repack(qweight, scale, bits), depends=(scale,))
+
+
+def _repack(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
     s = scale.float().contiguous()
     if bits == 8:
         prepared = ("int8", qweight.contiguous(), s)
@@ -53,7 +53,6 @@ def _prepare(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
             sz = torch.zeros(k // group, n, 2, dtype=torch.float32)
             sz[..., 0] = s
             prepared = ("int4", packed, group, sz)
-    setattr(qweight, _CACHE_ATTR, (key, prepared))
     return prepared
 
 

@@ -1,10 +1,10 @@
-"""Entry point of the NVIDIA CUDA backend (group ``glm_core.backends``)."""
+"""Entry point of the NVIDIA CUDA backend (group ``glm_runtime.backends``)."""
 from __future__ import annotations
 
 import torch
 
-from backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
-from glm_core.registry import Check, hookimpl
+from glm_runtime.backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
+from glm_runtime.core.registry import Check, hookimpl
 
 
 class CUDABackend(TorchGPUBackend):

@@ -30,12 +30,11 @@ Each function converts our layouts and dtypes to what the operator documents and
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-from glm_core.quant import unpack_int4
+from glm_runtime.core.ops.derived import derived
+from glm_runtime.core.quant import unpack_int4
 
 MAX_SEQ = 2147483647
 
@@ -139,24 +138,16 @@ def gelu_tanh(x):
 
 
 # ----------------------------------------------------------- quantized linear
-_int4_packs: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
-
-
 def _int4_weight(qweight: torch.Tensor) -> torch.Tensor:
     """GLM-packed int8 [N, K/2] -> torch-npu int4 pack, transposed to [K/8, N] as the matmul takes it.
 
-    Packed once per weight tensor (weights are loaded once and never modified); the entry
-    goes away with the weight.
+    Packed once per weight tensor (:func:`~glm_runtime.core.ops.derived.derived`).
     """
-    key = id(qweight)
-    hit = _int4_packs.get(key)
-    if hit is not None and hit[0]() is qweight:
-        return hit[1].transpose(-1, -2)
-    q = unpack_int4(qweight).to(torch.int32).contiguous()  # [N, K], values in [-8, 7]
-    packed = npu().npu_convert_weight_to_int4pack(q)  # [N, K/8] int32
-    _int4_packs[key] = (weakref.ref(qweight), packed)
-    weakref.finalize(qweight, _int4_packs.pop, key, None)
-    return packed.transpose(-1, -2)
+    def pack():
+        q = unpack_int4(qweight).to(torch.int32).contiguous()  # [N, K], values in [-8, 7]
+        return npu().npu_convert_weight_to_int4pack(q)  # [N, K/8] int32
+
+    return derived(qweight, "npu-int4pack", pack).transpose(-1, -2)
 
 
 def quantized_linear(x, qweight, scale, bias, bits):

@@ -1,4 +1,4 @@
-"""Entry point of the Ascend NPU backend (group ``glm_core.backends``).
+"""Entry point of the Ascend NPU backend (group ``glm_runtime.backends``).
 
 torch-npu is an optional extra (``glm-runtime[npu]``) and needs Huawei's CANN toolkit
 installed and sourced (``set_env.sh``). Installed without CANN, it breaks ``import torch``
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from glm_core.ops import Kernel, reference
-from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
+from glm_runtime.core.errors import BackendError
+from glm_runtime.core.ops import Kernel, reference
+from glm_runtime.core.registry import Backend, Capabilities, Check, Probe, hookimpl
 
 from . import kernels as K
 
@@ -110,8 +111,6 @@ class NPUBackend(Backend):
         if mod is not None and mod.npu.device_count():
             arch = mod.npu.get_device_name(0)
         return Capabilities(arch=arch, compute_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                            fp16_matmul=True, bf16_matmul=True, int8_weight_kernel=True, int4_weight_kernel=True,
-                            fused_attention_fp32_softmax=True, warp_size=None,
                             extra={"kernels": sorted(self.kernels()), "peak_gbps": None, "peak_tflops_fp16": None})
 
     def kernels(self) -> dict[str, Kernel]:
@@ -132,8 +131,6 @@ class NPUBackend(Backend):
     def setup_process(self, local_rank: int) -> torch.device:
         mod, why = load_torch_npu()
         if mod is None:
-            from glm_core.errors import BackendError
-
             raise BackendError(why)
         mod.npu.set_device(local_rank)
         return torch.device("npu", local_rank)

@@ -1,10 +1,10 @@
-"""Entry point of the onnx backend (group ``glm_core.backends``).
+"""Entry point of the onnx backend (group ``glm_runtime.backends``).
 
 Unlike the torch backends it has no op kernels: it runs a whole exported graph
-(``glmrt export-onnx MODEL OUT``). It offers that through the optional backend
-capability ``load_runtime(path, ...)``, which :func:`glm_core.load_model` uses when a
-backend has it, so ``load_model(EXPORTED_DIR, backend="onnx")`` and
-``glmrt generate EXPORTED_DIR --backend onnx`` work like any other backend.
+(``glmrt export-onnx MODEL OUT``). It says so with ``runs_own_graph`` and implements the
+optional hook ``load_runtime(path, ...)``, which :func:`glm_runtime.load_model` calls, so
+``load_model(EXPORTED_DIR, backend="onnx")`` and ``glmrt generate EXPORTED_DIR --backend
+onnx`` work like any other backend.
 """
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import importlib.metadata
 import importlib.util
 import os
 
+import numpy as np
 import torch
 
-from glm_core.ops.table import strict_from_env
-from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
+from glm_runtime.converters.onnx.layout import read_export
+from glm_runtime.core.ops.table import strict_from_env
+from glm_runtime.core.registry import Backend, Capabilities, Check, Probe, hookimpl
+
+from .runtime import OnnxRunner, OnnxSession
 
 
 def _version(dist: str) -> str | None:
@@ -30,6 +34,7 @@ class OnnxBackend(Backend):
     aliases = ("onnxruntime", "ort")
     device_type = "cpu"  # host tensors in and out; the providers own their device memory
     dist_backend = "gloo"
+    runs_own_graph = True
     description = "onnxruntime running graphs exported with 'glmrt export-onnx' (fp32 or int8)"
 
     def probe(self) -> Probe:
@@ -44,25 +49,22 @@ class OnnxBackend(Backend):
         return Probe(True, f"onnxruntime {ver}; runs directories written by 'glmrt export-onnx'", score=1)
 
     def capabilities(self) -> Capabilities:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency (the onnx extra)
 
         return Capabilities(arch="onnxruntime " + ", ".join(ort.get_available_providers()),
-                            compute_dtypes=(torch.float32,), int8_weight_kernel=True,
+                            compute_dtypes=(torch.float32,),
                             extra={"runtime": "exported ONNX graph", "providers_env": "GLM_ONNX_PROVIDERS"})
 
-    def load_runtime(self, path: str | os.PathLike, strict_ops: bool | None = None, progress: bool = False,
+    def load_runtime(self, path: str | os.PathLike, *, strict_ops: bool | None = None, progress: bool = False,
                      providers: list[str] | str | None = None):
-        """An :class:`OnnxRunner` for an export directory (checked before onnxruntime sees it)."""
-        from converters.onnx.layout import read_export
-
-        from .runtime import OnnxRunner, OnnxSession
-
+        """An :class:`OnnxRunner` for an export directory (checked before onnxruntime sees it);
+        ``providers``: execution providers in order of preference (default ``GLM_ONNX_PROVIDERS``
+        or the CPU)."""
         strict = strict_from_env() if strict_ops is None else strict_ops
         return OnnxRunner(OnnxSession(read_export(path), providers, strict))
 
     def doctor(self) -> list[Check]:
-        import numpy as np
-        import onnx
+        import onnx  # optional dependencies (the onnx extra)
         import onnxruntime as ort
         from onnx import TensorProto, helper
 

@@ -1,9 +1,9 @@
 """Running an exported GLM graph with onnxruntime.
 
 :class:`OnnxSession` owns the onnxruntime session and the provider policy;
-:class:`OnnxRunner` gives it the call signature of :class:`glm_core.model.GLMModel`
-(``runner(input_ids, position_ids, mask, cache=None, start=0, last_only=False)``), so
-:class:`glm_core.api.GLM` and :func:`glm_core.generation.generate` drive it unchanged:
+:class:`OnnxRunner` gives it the call signature of :class:`glm_runtime.core.model.GLMModel`
+(``runner(input_ids, position_ids, mask, cache=None, start=0, logits_index=None)``), so
+:class:`glm_runtime.api.GLM` and :func:`glm_runtime.core.generation.generate` drive it unchanged:
 masks, positions, sampling and the KV cache buffers all stay the host code's.
 
 Provider policy. The list comes from the caller, else ``GLM_ONNX_PROVIDERS`` (comma
@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters.onnx import layout
-from glm_core.errors import BackendError, CheckpointError
-from glm_core.kv_cache import KVCache
+from glm_runtime.converters.onnx import layout
+from glm_runtime.core.errors import BackendError, CheckpointError
+from glm_runtime.core.kv_cache import KVCache
 
-log = logging.getLogger("backends.onnx")
+log = logging.getLogger("glm_runtime.backends.onnx")
 ENV_PROVIDERS = "GLM_ONNX_PROVIDERS"
 CPU = "CPUExecutionProvider"
 SHORT_NAMES = {
@@ -125,9 +125,7 @@ class OnnxSession:
     def placement(self) -> Counter:
         """{(provider, op type): nodes executed} from one profiled run on a short prompt."""
         if self._placement is None:
-            import onnxruntime as ort
-
-            from converters.onnx.export import empty_past
+            import onnxruntime as ort  # optional dependency (the onnx extra)
 
             c = self.info.config
             ids = torch.full((2, 3), c.pad_token_id or 0, dtype=torch.long)
@@ -135,7 +133,7 @@ class OnnxSession:
             mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)
             with tempfile.TemporaryDirectory() as d:
                 s = self._session(ort, profile_dir=d)
-                s.run(None, layout.feeds(c, ids, pos, mask, empty_past(c, 2)))
+                s.run(None, layout.feeds(c, ids, pos, mask, layout.empty_past(c, 2)))
                 events = json.loads(Path(s.end_profiling()).read_text())
             self._placement = Counter((e["args"]["provider"], e["args"]["op_name"]) for e in events
                                       if e.get("cat") == "Node" and "provider" in e.get("args", {}))
@@ -188,21 +186,18 @@ class OnnxRunner:
         return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                 cache=None, start: int = 0, last_only: bool = False) -> torch.Tensor:
+                 cache=None, start: int = 0, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         B, T = input_ids.shape
         if cache is None:
             if start:
                 raise BackendError("the onnx runner needs a cache to continue at a position > 0")
-            from converters.onnx.export import empty_past
-
-            past = empty_past(c, B)
+            past = layout.empty_past(c, B)
         else:
             past = [(cache.k[i][:, :, :start], cache.v[i][:, :, :start]) for i in range(c.num_layers)]
         if mask is None:  # GLMModel's "attend to everything"
             mask = torch.ones(B, 1, T, start + T, dtype=torch.bool)
-        keep = np.array([T - 1]) if last_only else None  # the vocabulary projection only where needed
-        out = self.ops.run(layout.feeds(c, input_ids, position_ids, mask, past, keep))
+        out = self.ops.run(layout.feeds(c, input_ids, position_ids, mask, past, logits_index))
         if cache is not None:
             for i in range(c.num_layers):
                 k, v = out[1 + 2 * i], out[2 + 2 * i]

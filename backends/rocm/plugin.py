@@ -1,4 +1,4 @@
-"""Entry point of the AMD ROCm and Hygon DCU backends (group ``glm_core.backends``).
+"""Entry point of the AMD ROCm and Hygon DCU backends (group ``glm_runtime.backends``).
 
 Hygon's DCUs run PyTorch through DTK, Hygon's ROCm/HIP distribution: the torch build
 reports ``torch.version.hip``, devices appear under torch's ``cuda`` device type, and the
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
-from glm_core.registry import Check, hookimpl
+from glm_runtime.backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
+from glm_runtime.core.registry import Check, hookimpl
 
 # Hygon DCU architectures as DTK reports them (gcnArchName), with bf16 matrix support.
 # gfx906 is also AMD's Vega 20 (MI50/MI60): no bf16 dot instructions (they came with

@@ -9,8 +9,8 @@ lowers (dot shapes, layouts, the software pipeline) and that its shared memory f
 architecture. It does not run anything: numerics are the interpreter's part
 (tests/test_triton_interpret.py), speed the hardware's (``glmrt doctor --bench``).
 
-    python -m backends.triton.aot                 # every platform/arch entry, fp16
-    python -m backends.triton.aot cuda/sm_90 dcu/gfx906 --dtypes fp16,bf16
+    python -m glm_runtime.backends.triton.aot                 # every platform/arch entry, fp16
+    python -m glm_runtime.backends.triton.aot cuda/sm_90 dcu/gfx906 --dtypes fp16,bf16
 
 Upstream Triton (3.9 here) does not know Hygon's gfx926/gfx928 ("unsupported target"):
 on those DCUs the kernels need the Triton build that ships with DTK.
@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
+
+import argparse
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -157,9 +159,7 @@ def compile_entry(platform: str, arch_key: str, dtypes=("fp16",), only: set | No
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m backends.triton.aot", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m glm_runtime.backends.triton.aot", description=__doc__.split("\n\n")[0])
     ap.add_argument("entries", nargs="*", help="platform/arch entries of the tuning tables (default: all)")
     ap.add_argument("--dtypes", default="fp16", help="comma-separated: fp16,bf16 (default fp16)")
     a = ap.parse_args(argv)

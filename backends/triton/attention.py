@@ -27,11 +27,11 @@ verified in CI. See docs/backends.md.
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
+
+from glm_runtime.core.ops.derived import derived
 
 from .launch import dot_in_fp32, pow2
 
@@ -90,31 +90,24 @@ def _attn_kernel(Q, K, V, Mask, Live, O, sm_scale, fill, Tq, Tk, NH, GROUP, D, N
              mask=(rm[:, None] < Tq) & (rd[None, :] < D))
 
 
-_live_cache: dict = {}
-
-
 def live_tiles(mask: torch.Tensor, B: int, Tq: int, Tk: int, bm: int, bn: int) -> torch.Tensor:
     """uint8 [B, Tq/bm, Tk/bn]: 1 where the tile holds an allowed entry (or its query block
-    has a row with none, which must see every key to match the reference)."""
-    # inference-mode tensors have no version counter; masks are never modified after being
-    # built (glm_core.masks makes a new one per step), so identity is enough there
-    version = None if mask.is_inference() else mask._version
-    key = (id(mask), mask.data_ptr(), version, B, Tq, Tk, bm, bn)
-    hit = _live_cache.get(key)
-    if hit is not None and hit[0]() is mask:
-        return hit[1]
-    m = mask.expand(B, 1, Tq, Tk)[:, 0]
-    nq, nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
-    padded = torch.zeros(B, nq * bm, nk * bn, dtype=torch.bool, device=mask.device)
-    padded[:, :Tq, :Tk] = m
-    live = padded.view(B, nq, bm, nk, bn).any(4).any(2)
-    empty = torch.zeros(B, nq * bm, dtype=torch.bool, device=mask.device)
-    empty[:, :Tq] = ~m.any(-1)
-    live |= empty.view(B, nq, bm).any(2, keepdim=True)
-    live = live.to(torch.uint8).contiguous()
-    _live_cache.clear()  # one mask per forward is live at a time
-    _live_cache[key] = (weakref.ref(mask), live)
-    return live
+    has a row with none, which must see every key to match the reference).
+
+    Built once per mask (every layer of a forward shares it; see
+    :func:`~glm_runtime.core.ops.derived.derived` for which masks may be cached)."""
+    def build():
+        m = mask.expand(B, 1, Tq, Tk)[:, 0]
+        nq, nk = triton.cdiv(Tq, bm), triton.cdiv(Tk, bn)
+        padded = torch.zeros(B, nq * bm, nk * bn, dtype=torch.bool, device=mask.device)
+        padded[:, :Tq, :Tk] = m
+        live = padded.view(B, nq, bm, nk, bn).any(4).any(2)
+        empty = torch.zeros(B, nq * bm, dtype=torch.bool, device=mask.device)
+        empty[:, :Tq] = ~m.any(-1)
+        live |= empty.view(B, nq, bm).any(2, keepdim=True)
+        return live.to(torch.uint8).contiguous()
+
+    return derived(mask, ("triton-live-tiles", B, Tq, Tk, bm, bn), build)
 
 
 def attention(q, k, v, mask, scale, mask_value, layer_scale, cfg):

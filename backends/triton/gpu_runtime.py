@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from glm_core.ops import Kernel, reference
-from glm_core.registry import Backend, Capabilities, Check, Probe
+from glm_runtime.backends.triton.tuning import lookup
+from glm_runtime.core.ops import Kernel, reference
+from glm_runtime.core.ops.contract import tolerance
+from glm_runtime.core.registry import Backend, Capabilities, Check, Probe
 
 FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
 ARCH_ENV = "GLM_TRITON_ARCH"  # force a tuning entry (tuning experiments; host-side verification)
@@ -81,7 +83,7 @@ class TorchGPUBackend(Backend):
 
     device_type = "cuda"
     dist_backend = "nccl"
-    platform = ""            # key of backends.triton.tuning.TABLES
+    platform = ""            # key of glm_runtime.backends.triton.tuning.TABLES
     warp_size = 32
     toolchain_label = ""     # how the torch build names its toolchain in messages
     base_score = 100
@@ -145,12 +147,9 @@ class TorchGPUBackend(Backend):
         n = torch.cuda.device_count()
         devs = [self.device_record(i) for i in range(n)]
         me = devs[torch.cuda.current_device() if index is None else index]
-        has_triton = triton_version() is not None
         dtypes = (torch.float16, torch.bfloat16, torch.float32) if me["bf16"] else (torch.float16, torch.float32)
         return Capabilities(
-            arch=me["arch"], compute_dtypes=dtypes, fp16_matmul=True, bf16_matmul=me["bf16"],
-            int8_weight_kernel=has_triton, int4_weight_kernel=has_triton, fused_attention_fp32_softmax=has_triton,
-            warp_size=me["warp_size"],
+            arch=me["arch"], compute_dtypes=dtypes, warp_size=me["warp_size"],
             extra={"devices": devs, "peak_gbps": me["peak_gbps"], "peak_tflops_fp16": me["peak_tflops_fp16"],
                    "tuning": self.tuning_key(me["arch"]), "platform": self.platform,
                    "kernels": sorted(self.kernels())})
@@ -166,8 +165,6 @@ class TorchGPUBackend(Backend):
         return "default"
 
     def tuning_key(self, arch: str) -> str:
-        from backends.triton.tuning import lookup
-
         t = lookup(self.platform, arch)
         return f"{t.platform}/{t.arch}"
 
@@ -175,8 +172,7 @@ class TorchGPUBackend(Backend):
         ks = torch_native_kernels()
         if triton_version() is None:
             return ks
-        from backends.triton.ops import triton_kernels
-        from backends.triton.tuning import lookup
+        from glm_runtime.backends.triton.ops import triton_kernels
 
         ks.update(triton_kernels(lookup(self.platform, self.tuning_arch()), FLOATS))
         return ks
@@ -209,8 +205,6 @@ class TorchGPUBackend(Backend):
 
     def triton_smoke(self, tuning: str) -> Check:
         """Compile and run one Triton kernel on the device, compared with the reference."""
-        from glm_core.ops.contract import tolerance
-
         g = torch.Generator().manual_seed(0)
         x, w = torch.randn(8, 512, generator=g), torch.rand(512, generator=g) + 0.5
         try:

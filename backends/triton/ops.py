@@ -5,7 +5,7 @@ import functools
 
 import torch
 
-from glm_core.ops import Kernel
+from glm_runtime.core.ops import Kernel
 
 from . import activations, attention, norms, quant_matmul, rotary
 from .tuning import Tuning

@@ -2,7 +2,7 @@
 
 ``y = x @ (q * scale)^T + bias`` with ``q`` int8 [N, K] (INT8) or int8 [N, K/2] holding two
 signed nibbles per byte, the even input element in the high nibble (INT4; see
-:mod:`glm_core.quant`). The weight tile is read in its packed form (1 or 1/2 byte per
+:mod:`glm_runtime.core.quant`). The weight tile is read in its packed form (1 or 1/2 byte per
 element, the point of weight-only quantization: decode is bound by weight bandwidth),
 unpacked in registers to small integers, which are exact in fp16/bf16, and multiplied on
 the tensor/matrix cores with fp32 accumulation. The per-output-row scale is applied once

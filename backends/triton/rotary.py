@@ -3,7 +3,7 @@
 Every output feature ``j`` is ``x[j] * cos[a(j)] + sign(j) * x[p(j)] * sin[a(j)]``: only
 the partner index ``p``, the angle index ``a`` and the sign depend on the layout, so the
 layout is a compile-time switch over three small index formulas (see
-:func:`glm_core.ops.reference.rotary` for the definitions):
+:func:`glm_runtime.core.ops.reference.rotary` for the definitions):
 
 * neox (LAYOUT 0): p = j +- n, a = j mod n;
 * neox_2d (LAYOUT 1): the same inside each of the two blocks of width n, block b using

@@ -9,7 +9,7 @@ registers there; sm_90 and gfx942 have the shared memory for bigger tiles.
 Status: these are starting points chosen from those architectural facts and from the
 configurations Triton's own tutorials use per vendor; none has been measured on the
 hardware by this project (none is available to it). Every entry is compiled ahead of
-time for its target by ``python -m backends.triton.aot`` (shared memory within the
+time for its target by ``python -m glm_runtime.backends.triton.aot`` (shared memory within the
 architecture's limit), except Hygon's gfx926/gfx928, which upstream Triton does not know:
 those need the Triton build that ships with DTK. ``glmrt doctor --bench`` on a device
 prints achieved bandwidth/FLOP rates per op so a user can tune and report; unknown

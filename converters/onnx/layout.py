@@ -12,7 +12,7 @@ positions; ``P = 0`` for a prefill)::
 
     input_ids        int64 [B, T]
     position_ids     int64 [B, T], or [B, 2, T] for 2D RoPE (ChatGLM-6B)
-    attention_mask   bool  [B, 1, T, P + T]   True = may attend (built by glm_core.masks)
+    attention_mask   bool  [B, 1, T, P + T]   True = may attend (built by glm_runtime.core.masks)
     logits_index     int64 [K]   the positions (of the T) whose logits are computed
     past_key.{i}     float [B, kv_heads, P, head_dim]   for each layer i
     past_value.{i}   float [B, kv_heads, P, head_dim]
@@ -29,8 +29,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glm_core.config import GLMConfig
-from glm_core.errors import CheckpointError
+import numpy as np
+import torch
+
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import CheckpointError
 
 FORMAT_TAG = "glm-runtime-onnx/1"
 GRAPH = "model.onnx"
@@ -54,7 +57,6 @@ def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logi
     """The session's input dict from torch tensors; ``past`` is one (key, value) pair per
     layer; ``logits_index`` defaults to every position. onnxruntime needs contiguous
     arrays of exactly the graph's dtypes."""
-    import numpy as np
 
     def arr(t, dtype):
         return np.ascontiguousarray(t.numpy() if hasattr(t, "numpy") else t, dtype=dtype)
@@ -66,6 +68,31 @@ def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logi
         out[f"past_key.{i}"] = arr(k, np.float32)
         out[f"past_value.{i}"] = arr(v, np.float32)
     return out
+
+
+def empty_past(config: GLMConfig, batch: int, length: int = 0, seed: int | None = None) -> tuple:
+    """One (key, value) pair per layer of ``length`` cached positions: zeros (a prefill's
+    empty past), or normal noise when ``seed`` is given (an example input for tracing)."""
+    shape = (batch, config.num_kv_heads, length, config.head_dim)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    make = (lambda: torch.zeros(shape)) if g is None else (lambda: torch.randn(shape, generator=g))
+    return tuple((make(), make()) for _ in range(config.num_layers))
+
+
+class ConcatCache:
+    """The model's cache interface (``update(layer, k, v, start)``) as pure dataflow:
+    returns past + new and records it as the layer's present, so the trace has the cache
+    as graph inputs and outputs."""
+
+    def __init__(self, past: tuple):
+        self.past = past
+        self.present: list = [None] * len(past)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        pk, pv = self.past[layer]
+        k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
+        self.present[layer] = (k, v)
+        return k, v
 
 
 def metadata(config: GLMConfig, precision: str, extra: dict | None = None) -> dict[str, str]:

@@ -3,19 +3,15 @@
 Weights of every MatMul (the layers' projections and the LM head) become int8 with one
 scale per output channel; activations are quantised to uint8 per tensor at run time
 (``DynamicQuantizeLinear`` + ``MatMulInteger``). Embedding lookups, norms, rotary and
-the softmax stay fp32. The error against the fp32 graph is measured on a fixed
-blank-infilling prompt and stored in the export's metadata.
+the softmax stay fp32. The error against the fp32 graph is measured by
+:func:`~.check.int8_error` and stored in the export's metadata.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from glm_core.config import GLMConfig
-from glm_core.errors import GLMError
-from glm_core.masks import prefill_inputs
+from glm_runtime.core.errors import GLMError
 
 from . import layout
 
@@ -55,21 +51,3 @@ def _relocate(graph: Path, old: str, new: str) -> None:
             if e.key == "location" and e.value == old:
                 e.value = new
     onnx.save(proto, str(graph))
-
-
-def int8_error(fp32_session, int8_session, config: GLMConfig, seed: int = 0) -> dict:
-    """Logit error of the int8 graph against the fp32 one on real positions of the
-    sample prompt (prefill): max and mean |difference|, both relative to max |logit|,
-    and how often the two agree on the most likely next token."""
-    from .export import empty_past, sample_prompt
-
-    ids, pad = sample_prompt(config, seed)
-    pos, mask, _ = prefill_inputs(config, ids, pad)
-    feed = layout.feeds(config, ids, pos, mask, empty_past(config, ids.shape[0]))
-    ref = fp32_session.run(["logits"], feed)[0][pad.bool().numpy()]
-    got = int8_session.run(["logits"], feed)[0][pad.bool().numpy()]
-    diff = np.abs(got - ref)
-    scale = float(np.abs(ref).max())
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_abs_logit": scale,
-            "max_rel": float(diff.max()) / scale, "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
-            "positions": int(ref.shape[0])}

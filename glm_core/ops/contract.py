@@ -1,8 +1,8 @@
 """The op contract: the small set of ops the GLM graph calls, and their numeric contract.
 
-The graph in :mod:`glm_core.model` calls nothing device-specific; every computation that
+The graph in :mod:`glm_runtime.core.model` calls nothing device-specific; every computation that
 a backend may want to run its own way goes through one of these names. Each op has a
-reference implementation (:mod:`glm_core.ops.reference`, fp32 compute) that defines it.
+reference implementation (:mod:`glm_runtime.core.ops.reference`, fp32 compute) that defines it.
 
 Tolerances. A backend kernel given inputs of dtype ``dt`` must satisfy
 ``|out - ref| <= atol + rtol * |ref|`` elementwise, where ``ref`` is the reference computed

@@ -1,7 +1,7 @@
 """Reference implementations of the op contract: plain PyTorch, fp32 compute.
 
 These define what every op means. A backend kernel is correct when it matches these
-within the tolerance of :data:`glm_core.ops.contract.TOLERANCES` for its dtype. Inputs
+within the tolerance of :data:`glm_runtime.core.ops.contract.TOLERANCES` for its dtype. Inputs
 of any float dtype are computed in fp32 and the result is cast back to the input dtype.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from glm_runtime.core.quant import dequantize
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -32,8 +34,6 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     byte, the even input element in the high nibble (bits=4); ``scale`` is the per-output-
     row absmax scale [out]. The reference dequantises and runs an fp32 matmul.
     """
-    from glm_core.quant import dequantize  # local: quant depends on torch only
-
     w = dequantize(qweight, scale, bits)
     return linear(x, w, bias)
 

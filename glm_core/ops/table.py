@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 from ..errors import BackendError
 from .contract import OPS, Kernel
 
-log = logging.getLogger("glm_core.ops")
+log = logging.getLogger("glm_runtime.core.ops")
 _warned: set[tuple[str, str, str]] = set()
 
 
@@ -32,7 +34,27 @@ def strict_from_env() -> bool:
 
 
 class OpTable:
-    """Attribute access gives the resolved callable: ``ops.attention(q, k, v, ...)``."""
+    """Attribute access gives the resolved callable: ``ops.attention(q, k, v, ...)``.
+
+    One field per op of the contract, typed with the op's signature (the reference
+    functions in :mod:`~glm_runtime.core.ops.reference` document each argument), so type
+    checkers and editors see ``ops.attention``; a test keeps these fields and
+    :data:`~glm_runtime.core.ops.contract.OPS` the same set.
+    """
+
+    embedding: Callable[[Tensor, Tensor], Tensor]                          # (ids, weight)
+    linear: Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]            # (x, weight, bias)
+    lm_head: Callable[[Tensor, Tensor], Tensor]                            # (x, weight)
+    quantized_linear: Callable[[Tensor, Tensor, Tensor, Optional[Tensor], int], Tensor]
+    #                    (x, qweight, scale, bias, bits)
+    layer_norm: Callable[[Tensor, Tensor, Optional[Tensor], float], Tensor]  # (x, weight, bias, eps)
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]                    # (x, weight, eps)
+    rotary: Callable[[Tensor, Tensor, Tensor, str], Tensor]                # (x, cos, sin, layout)
+    attention: Callable[[Tensor, Tensor, Tensor, Optional[Tensor], float, Optional[float], float], Tensor]
+    #                    (q, k, v, mask, scale, mask_value, layer_scale)
+    glu: Callable[[Tensor, str], Tensor]                                   # (u, activation)
+    gelu_tanh: Callable[[Tensor], Tensor]                                  # (x)
+    cross_entropy: Callable[[Tensor, Tensor], Tensor]                      # (logits, targets)
 
     def __init__(self, backend_name: str, kernels: dict[str, Kernel], dtype: torch.dtype,
                  strict: bool | None = None, required: tuple[str, ...] | None = None):

@@ -4,6 +4,12 @@ Core code never names a vendor. It asks the selected backend for its torch devic
 its capabilities, its kernels and its distributed backend name. A plugin subclasses
 :class:`Backend` and overrides what differs from the defaults, which use
 ``torch.accelerator`` where a device runtime is involved.
+
+Everything here is used by the runtime; a plugin author implements what this class shows
+and nothing else. Required: :attr:`name` and :meth:`probe`. Optional, with the default
+stated on each: the other attributes, :meth:`capabilities`, :meth:`kernels`,
+:meth:`compute_dtype`, :meth:`prepare_parameter`, the runtime calls, :meth:`doctor`, and
+:meth:`load_runtime` for a backend that runs a graph of its own.
 """
 from __future__ import annotations
 
@@ -30,15 +36,17 @@ class Probe:
 class Capabilities:
     """What a backend can do, stated by the backend rather than guessed from its name."""
 
+    #: architecture name as the vendor spells it (``sm_90``, ``gfx928``, ``x86_64``): shown by
+    #: ``glmrt backends`` and used to pick tuning tables
     arch: str = ""
+    #: dtypes this backend computes in; a checkpoint stored in another dtype is computed in
+    #: fp32 (:meth:`Backend.compute_dtype`; training refuses a precision not listed here).
+    #: Which *ops* have kernels, per dtype, is what :meth:`Backend.kernels` says.
     compute_dtypes: tuple = (torch.float32,)
-    storage_dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)
-    fp16_matmul: bool = False
-    bf16_matmul: bool = False
-    int8_weight_kernel: bool = False
-    int4_weight_kernel: bool = False
-    fused_attention_fp32_softmax: bool = False
+    #: SIMD width of the device (32 on NVIDIA, 64 on AMD/Hygon), shown by ``glmrt backends``
     warp_size: int | None = None
+    #: anything else worth showing (``glmrt backends``, ``glmrt doctor``): devices, tuning
+    #: table, ``peak_gbps`` / ``peak_tflops_fp16`` for the op benchmarks
     extra: dict = field(default_factory=dict)
 
 
@@ -63,6 +71,10 @@ class Backend:
         dist_backend: the torch.distributed backend used on this device.
         visible_devices_env: environment variable that restricts visible devices, if any.
         forward_env_prefixes: environment variable prefixes a launcher must forward.
+        description: one line for ``glmrt backends``.
+        runs_own_graph: True for a backend that runs a whole graph of its own (an exported
+            model) instead of the GLM graph on its kernels; it implements
+            :meth:`load_runtime`, and tensor/pipeline parallelism is not offered on it.
     """
 
     name: str = ""
@@ -73,6 +85,7 @@ class Backend:
     visible_devices_env: str | None = None
     forward_env_prefixes: tuple[str, ...] = ()
     description: str = ""
+    runs_own_graph: bool = False
 
     # ----------------------------------------------------------- discovery
     def probe(self) -> Probe:
@@ -101,6 +114,20 @@ class Backend:
         """
         return tensor
 
+    def load_runtime(self, path: str | os.PathLike, *, strict_ops: bool | None = None, progress: bool = False,
+                     **options):
+        """Load a directory in this backend's own format (when :attr:`runs_own_graph`).
+
+        Returns a runner with :class:`~glm_runtime.core.model.GLMModel`'s forward signature
+        and its ``config``, ``ops`` (whose ``format_report()`` is the op report),
+        ``dtype``, ``device``, ``new_cache(batch, max_len)`` and ``tokenizer_path``, so
+        ``load_model``, masks, generation and sampling are the same code on every backend.
+        ``options`` are the keyword arguments a user passed to ``load_model``. The default
+        (a backend that runs the GLM graph) never calls this.
+        """
+        raise NotImplementedError(f"backend {self.name!r} runs the GLM graph on its kernels; it has no runtime "
+                                  "format of its own")
+
     # -------------------------------------------------------------- runtime
     def device(self, local_rank: int = 0) -> torch.device:
         if self.device_type == "cpu":
@@ -108,27 +135,18 @@ class Backend:
         return torch.device(self.device_type, local_rank)
 
     def setup_process(self, local_rank: int) -> torch.device:
-        """Bind this process to its device (called once per process by the bootstrap)."""
+        """Bind this process to its device (called once per process by the bootstrap);
+        default: ``torch.accelerator.set_device_index``."""
         dev = self.device(local_rank)
         if dev.type != "cpu":
             torch.accelerator.set_device_index(dev.index)
         return dev
 
     def synchronize(self) -> None:
+        """Wait for the device's queued work (op benchmarks time with it); default:
+        ``torch.accelerator.synchronize``."""
         if self.device_type != "cpu":
             torch.accelerator.synchronize()
-
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-
-    def memory_info(self) -> dict:
-        """Bytes free/total on this backend's device (host memory for cpu)."""
-        try:
-            pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-            avail = os.sysconf("SC_AVPHYS_PAGES")
-            return {"total": pages * size, "free": avail * size}
-        except (ValueError, OSError):
-            return {}
 
     def doctor(self) -> list[Check]:
         """Versions and smoke checks, shown by ``glmrt doctor``."""

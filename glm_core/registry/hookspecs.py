@@ -1,12 +1,12 @@
-"""Hook specifications of the ``glm_core.backends`` plugin API (pluggy).
+"""Hook specifications of the ``glm_runtime.backends`` plugin API (pluggy).
 
-A plugin is a module (or object) listed under the ``glm_core.backends`` entry-point group
+A plugin is a module (or object) listed under the ``glm_runtime.backends`` entry-point group
 of its package's metadata, e.g. in pyproject.toml::
 
-    [project.entry-points."glm_core.backends"]
+    [project.entry-points."glm_runtime.backends"]
     mychip = "glm_mychip.plugin"
 
-and it implements some of the hooks below with ``@glm_core.registry.hookimpl``. The
+and it implements some of the hooks below with ``@glm_runtime.core.registry.hookimpl``. The
 in-tree backends (``backends/cpu`` ...) are registered in exactly this way.
 
 The plugin API version (:data:`API_VERSION`) is checked at discovery: a backend whose
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pluggy
 
-PROJECT = "glm_core"
+PROJECT = "glm_runtime"
 API_VERSION = 1
 
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -25,7 +25,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def glm_backends() -> list:
-    """Return the :class:`~glm_core.registry.backend.Backend` objects this plugin provides.
+    """Return the :class:`~glm_runtime.core.registry.backend.Backend` objects this plugin provides.
 
     Called once at discovery. Must be cheap and must not initialise any device runtime:
     availability is decided later by ``Backend.probe()``. A plugin may provide several

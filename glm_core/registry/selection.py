@@ -17,8 +17,8 @@ from ..errors import BackendError
 from . import hookspecs
 from .backend import Backend, Probe
 
-log = logging.getLogger("glm_core.registry")
-ENTRY_POINT_GROUP = "glm_core.backends"
+log = logging.getLogger("glm_runtime.core.registry")
+ENTRY_POINT_GROUP = "glm_runtime.backends"
 ENV_VAR = "GLM_BACKEND"
 
 
@@ -50,7 +50,7 @@ def plugin_manager() -> pluggy.PluginManager:
 
 
 def discover(refresh: bool = False) -> dict[str, Discovered]:
-    """Load every ``glm_core.backends`` entry point and probe each backend it provides.
+    """Load every ``glm_runtime.backends`` entry point and probe each backend it provides.
 
     A plugin that fails to import, or states another API version, is listed as
     unavailable with the reason instead of breaking discovery for the others.
@@ -106,6 +106,13 @@ def extra_kernels(backend_name: str) -> dict:
         if contrib:
             out.update(contrib)
     return out
+
+
+def kernels_for(backend: Backend) -> dict:
+    """Every kernel of ``backend``: its own, replaced or extended by what other plugins add
+    for it (the one place the two are merged; the op table, the op listing, the conformance
+    kit and the op benchmarks all use it)."""
+    return {**backend.kernels(), **extra_kernels(backend.name)}
 
 
 def available_backends() -> list[Discovered]:

@@ -2,7 +2,7 @@
 
 Every rank all-reduces in a loop; rank ``--victim`` kills itself with SIGKILL (no
 clean-up, like a node crash) after ``--after`` rounds. The survivors run inside
-``parallel.bootstrap.fail_fast`` and must print one error line and exit with status 3.
+``glm_runtime.parallel.bootstrap.fail_fast`` and must print one error line and exit with status 3.
 """
 import argparse
 import os
@@ -14,7 +14,7 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from parallel import bootstrap  # noqa: E402
+from glm_runtime.parallel import bootstrap  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--victim", type=int, default=1)

@@ -29,15 +29,16 @@ os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from glm_core.api import build_model, random_state  # noqa: E402
-from glm_core.generation import SamplingConfig, generate  # noqa: E402
-from glm_core.masks import prefill_inputs  # noqa: E402
-from glm_core.presets import preset  # noqa: E402
-from glm_core.registry import get_backend  # noqa: E402
-from parallel import bootstrap  # noqa: E402
-from parallel.api import parallelize, topology  # noqa: E402
-from parallel.data import wrap_ddp, wrap_fsdp  # noqa: E402
-from parallel.pipeline import PipelineTrainer  # noqa: E402
+from glm_runtime.core.build import build_model, random_state  # noqa: E402
+from glm_runtime.core.generation import SamplingConfig, generate  # noqa: E402
+from glm_runtime.core.masks import prefill_inputs  # noqa: E402
+from glm_runtime.core.presets import preset  # noqa: E402
+from glm_runtime.core.registry import get_backend  # noqa: E402
+from glm_runtime.parallel import bootstrap  # noqa: E402
+from glm_runtime.parallel.data import wrap_ddp, wrap_fsdp  # noqa: E402
+from glm_runtime.parallel.model import ParallelModel
+from glm_runtime.parallel.pipeline import PipelineTrainer  # noqa: E402
+from glm_runtime.parallel.topology import get_topology  # noqa: E402
 
 LOGIT_TOL = (2e-5, 1e-4)
 GRAD_TOL = (1e-6, 1e-4)
@@ -76,7 +77,7 @@ def close(a, b, tol):
 
 
 def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
-    topo = topology(tp, pp, dp, backend)
+    topo = get_topology(tp, pp, dp, backend)
     rank = topo.rank
     state = random_state(cfg, seed=7)
     ref = build_model(cfg, state, backend)
@@ -86,7 +87,7 @@ def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
            "data_parallel": ("fsdp2" if schedule == "fsdp" else "ddp") if dp > 1 else None}
 
     # ---- forward logits
-    pm = parallelize(build_model(cfg, state, backend), topo, ends_lighter=ends_lighter, backend=backend)
+    pm = ParallelModel(build_model(cfg, state, backend), topo, ends_lighter=ends_lighter, backend=backend)
     with torch.inference_mode():
         want = ref(ids, pos, mask)
         got = pm(ids, pos, mask)
@@ -151,8 +152,8 @@ def check_layout(name, cfg, tp, pp, dp, backend, schedule, ends_lighter):
 
 def check_load_model(backend, tp, pp, workdir):
     """The public API: load_model(path, tp=...) inside the job equals load_model(path)."""
-    from converters import native
-    from glm_core.api import load_model
+    from glm_runtime.api import load_model
+    from glm_runtime.converters import native
 
     cfg = CONFIGS["chatglm2"]()
     rank = dist.get_rank()
@@ -163,7 +164,7 @@ def check_load_model(backend, tp, pp, workdir):
     dist.broadcast_object_list(path, src=0)
     ids, att, _ = batch(cfg)
     m = load_model(path[0], backend=backend, tp=tp, pp=pp)
-    from converters.detect import load_checkpoint
+    from glm_runtime.converters.detect import load_checkpoint
 
     _, c2, st, _ = load_checkpoint(path[0])  # in-process single-model reference
     single = build_model(c2, st, backend)

@@ -121,9 +121,9 @@ def test_missing_rank_is_reported_by_count_not_a_hang():
 
 
 def test_glmrt_generate_tp2_under_mpiexec_matches_single_process(mpiexec, tmp_path):
-    from converters import native
-    from glm_core.api import random_state
-    from glm_core.presets import preset
+    from glm_runtime.converters import native
+    from glm_runtime.core.build import random_state
+    from glm_runtime.core.presets import preset
 
     cfg = preset("tiny-chatglm2", vocab_size=1003, num_layers=3)
     ckpt = native.save(tmp_path / "ckpt", cfg, random_state(cfg, seed=5))

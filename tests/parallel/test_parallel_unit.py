@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_core.api import random_state
-from glm_core.errors import GLMError
-from glm_core.presets import preset
-from parallel import bootstrap, tensor
-from parallel.pipeline import bubble_theory, partition_layers
+from glm_runtime.core import sharding
+from glm_runtime.core.build import random_state
+from glm_runtime.core.errors import GLMError
+from glm_runtime.core.presets import preset
+from glm_runtime.parallel import bootstrap
+from glm_runtime.parallel.pipeline import bubble_theory, partition_layers
 
 # ------------------------------------------------------------------ discovery
 
@@ -89,8 +90,8 @@ def test_shard_unshard_round_trip(name, tp):
     cfg = preset(name, vocab_size=1003 if tp == 2 else 1002, eos_token_ids=[2], pad_token_id=0)
     state = random_state(cfg, seed=0)
     for key, full in state.items():
-        pieces = [tensor.shard(key, full, cfg, tp, r) for r in range(tp)]
-        assert torch.equal(tensor.unshard(key, pieces, cfg, tp), full), key
+        pieces = [sharding.shard(key, full, cfg, tp, r) for r in range(tp)]
+        assert torch.equal(sharding.unshard(key, pieces, cfg, tp), full), key
 
 
 def test_blocked_qkv_split_gives_each_rank_its_heads_and_their_kv_group():
@@ -99,12 +100,12 @@ def test_blocked_qkv_split_gives_each_rank_its_heads_and_their_kv_group():
     d = cfg.head_dim
     rows = torch.arange(cfg.q_size + 2 * cfg.kv_size)
     for r in range(4):
-        got = tensor.shard("layers.0.attn.qkv.weight", rows[:, None].float(), cfg, 4, r)[:, 0].long()
+        got = sharding.shard("layers.0.attn.qkv.weight", rows[:, None].float(), cfg, 4, r)[:, 0].long()
         g = r // 2
         want = torch.cat((rows[r * d:(r + 1) * d], rows[cfg.q_size + g * d:cfg.q_size + (g + 1) * d],
                           rows[cfg.q_size + cfg.kv_size + g * d:cfg.q_size + cfg.kv_size + (g + 1) * d]))
         assert torch.equal(got, want)
-    local = tensor.local_config(cfg, 4)
+    local = sharding.local_config(cfg, 4)
     assert (local.num_heads, local.num_kv_heads) == (1, 1)
 
 
@@ -112,24 +113,24 @@ def test_gated_fc1_split_keeps_value_and_gate_halves_together():
     cfg = preset("tiny-glm-130b")
     f = cfg.ffn_hidden_size
     rows = torch.arange(2 * f)[:, None].float()
-    got = tensor.shard("layers.1.mlp.fc1.weight", rows, cfg, 2, 1)[:, 0].long()
+    got = sharding.shard("layers.1.mlp.fc1.weight", rows, cfg, 2, 1)[:, 0].long()
     assert torch.equal(got, torch.cat((torch.arange(f // 2, f), torch.arange(f + f // 2, 2 * f))))
 
 
 def test_vocab_padding_and_indivisible_configs():
     cfg = preset("tiny-chatglm2", vocab_size=1003)
     w = torch.randn(1003, 4)
-    pieces = [tensor.shard("embed.weight", w, cfg, 4, r) for r in range(4)]
+    pieces = [sharding.shard("embed.weight", w, cfg, 4, r) for r in range(4)]
     assert [p.shape[0] for p in pieces] == [251] * 4 and bool((pieces[-1][-1] == 0).all())
     with pytest.raises(GLMError, match="num_heads=4 is not a multiple of tp=3"):
-        tensor.check_divisible(cfg, 3)
+        sharding.check_divisible(cfg, 3)
 
 
 # ------------------------------------------------------------------- launcher
 
 
 def test_launcher_command_lines():
-    from glm_core.cli.launch import build_command
+    from glm_runtime.cli.launch import build_command
 
     cmd = ["glmrt", "generate", "ckpt", "--tp", "2"]
     assert build_command("mpirun", 4, cmd, ["GLM_BACKEND"], [], "mpiexec", "openmpi") == \

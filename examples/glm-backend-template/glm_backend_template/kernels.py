@@ -1,7 +1,8 @@
 """The template's kernels: every op of glm-runtime's op contract, written out explicitly.
 
-Each function has the signature of the contract (glm_core/ops/contract.py) and must match
-the reference (glm_core/ops/reference.py) within the contract's tolerance; the conformance
+Each function has the signature of the contract (``glm_runtime.core.ops.contract``, typed
+on ``glm_runtime.core.ops.OpTable``) and must match the reference
+(``glm_runtime.core.ops.reference``) within the contract's tolerance; the conformance
 kit checks exactly that (``pytest --glm-backend template``). Replace a body with a call
 into your device's library, keep the signature, run the kit.
 """

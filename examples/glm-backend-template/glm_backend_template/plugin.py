@@ -10,6 +10,13 @@ Porting to a new device means changing, in this file:
   return the exact reason when something is missing;
 * ``capabilities()``: arch name, the dtypes you compute in, what your kernels cover;
 * ``kernels()``: which ops of the contract you implement, for which dtypes.
+
+Optional hooks you may add, each with its default on :class:`glm_runtime.Backend`:
+``compute_dtype``, ``prepare_parameter`` (the memory layout your kernels want for a loaded
+weight), ``setup_process`` / ``synchronize`` (default ``torch.accelerator``), ``doctor``,
+and ``runs_own_graph`` + ``load_runtime`` for a backend that runs a whole graph of its own.
+
+Everything comes from the stable plugin API, ``glm_runtime``'s top-level names.
 """
 from __future__ import annotations
 
@@ -17,8 +24,7 @@ import os
 
 import torch
 
-from glm_core.ops import Kernel, reference
-from glm_core.registry import Backend, Capabilities, Check, Probe, hookimpl
+from glm_runtime import Backend, Capabilities, Check, Kernel, Probe, hookimpl
 
 from . import kernels
 
@@ -41,15 +47,15 @@ class TemplateBackend(Backend):
                      devices=["cpu"])
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(arch="host", compute_dtypes=(torch.float32,), fused_attention_fp32_softmax=True,
-                            int8_weight_kernel=True, int4_weight_kernel=True, extra={"kernels": sorted(self.kernels())})
+        return Capabilities(arch="host", compute_dtypes=(torch.float32,), extra={"kernels": sorted(self.kernels())})
 
     def kernels(self) -> dict[str, Kernel]:
         return {op: Kernel(getattr(kernels, op), FP32, f"template {op}") for op in kernels.OPS}
 
     def doctor(self) -> list[Check]:
         x, w = torch.randn(2, 8), torch.rand(8)
-        ok = torch.allclose(kernels.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), atol=1e-6, rtol=1e-6)
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+        ok = torch.allclose(kernels.rms_norm(x, w, 1e-6), want, atol=1e-6, rtol=1e-6)
         return [Check("torch", True, torch.__version__), Check("template smoke", ok, "rms_norm against the reference")]
 
 

@@ -1,2 +1,0 @@
-"""The ``glmrt`` command line. Each subcommand lives in its own module of this package
-and is listed in :data:`glm_core.cli.main.COMMANDS`."""

@@ -1,0 +1,27 @@
+"""``glmrt quantize``: write a weight-only INT8/INT4 native checkpoint."""
+from __future__ import annotations
+
+from glm_runtime.converters import native
+from glm_runtime.converters.detect import load_checkpoint
+from glm_runtime.converters.quantize import quantize_state
+
+NAME = "quantize"
+HELP = "quantize a checkpoint's linear layers to INT8 or INT4 (GLM-130B scheme) and save it as native"
+EXAMPLE = "glmrt quantize ./chatglm-6b ./chatglm-6b-int4 --bits 4"
+
+
+def add_arguments(p):
+    p.add_argument("src", help="source checkpoint directory (any supported format)")
+    p.add_argument("dst", help="output native directory (written atomically)")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8 or 4")
+    p.add_argument("--sat-args", default=None, help="for a SAT source: its model arguments or a preset name")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+
+def run(args) -> int:
+    fmt, config, state, tok = load_checkpoint(args.src, progress=True, sat_args=args.sat_args)
+    qconfig, qstate = quantize_state(config, state, args.bits, progress=True)
+    native.save(args.dst, qconfig, qstate, tokenizer=tok, overwrite=args.force)
+    size = sum(t.numel() * t.element_size() for t in qstate.values())
+    print(f"{args.src} ({fmt}) -> {args.dst}: {config.family} INT{args.bits}, {size / 2**20:.1f} MiB")
+    return 0
