@@ -1,26 +1,45 @@
-"""Prefill and decode speed of glm-runtime against transformers, in one run.
+"""Prefill and decode speed of glm-runtime at every bit width, against transformers and
+llama.cpp on the same weights, in one interleaved run.
 
-A random-weight GLM-4-architecture checkpoint of ~98M parameters (transformers' ``glm``:
-vocab 151552, hidden 256, 20 layers, 4 query heads / 2 KV groups, head_dim 64, FFN 1024)
-is saved by transformers, then both runtimes load the same directory and run the same
-greedy work, alternating, on the same threads; glm-runtime also runs the same weights
-with its linears quantized to INT8 and INT4 (weight-only, GLM-130B scheme). Reported:
+Two random-weight GLM-4-architecture checkpoints are written by transformers
+(``GlmForCausalLM``, partial rotary 0.5, grouped KV heads):
 
-* prefill tokens/s (one prompt of --prompt tokens) and decode tokens/s (--new tokens
-  after it, batch 1), median over --repeat runs;
-* the ratio ours / transformers;
-* decode's fraction of the memory-bandwidth roofline: every decode step must read every
-  weight once (the embedding row aside), so tokens/s cannot exceed
-  ``bandwidth / weight bytes``. Bandwidth is measured here by streaming reads of a
-  buffer much larger than the caches (``torch.sum`` over 1 GiB, best of 5).
+* ``layers``: 98M parameters, hidden 768, 12 layers, 12 query / 2 KV heads, FFN 2048,
+  vocabulary 16384: most of a decode step's bytes are in the layers;
+* ``head``: 98M parameters, hidden 256, 20 layers, 4 / 2 heads, FFN 1024, vocabulary
+  151552 (GLM-4's): most of a decode step's bytes are in the output projection.
 
-    python benchmarks/decode.py [--threads 2] [--repeat 3]
+Runners, all on the same threads: transformers (fp32); glm-runtime's cpu backend and onnx
+backend at fp32, INT8 and INT4 (``glmrt quantize``'s default scheme: INT4 scales per block
+of 32 inputs, an INT8 output projection; the onnx runs use exports of those same
+checkpoints, their quantized linears as onnxruntime's MatMulNBits); and, when
+``llama-cpp-python`` and ``gguf`` are installed, llama.cpp at f32, q8_0 and q4_0 on a GGUF
+written from the same weights (benchmarks/llama_cpp_peer.py; its f32 greedy output is
+checked against transformers' first). Every round runs every runner once, in turn, so
+that drift in the machine's speed hits them alike; ratios are taken round by round and
+their median reported.
+
+Reported per model and prompt length: prefill tokens/s (one prompt), decode tokens/s
+(the tokens after the first, batch 1, greedy), the ratio to transformers and to
+llama.cpp at the same bit width, the bytes a decode step must read (every weight but the
+embedding table, of which one row is read) and the fraction of the bandwidth roofline
+reached (``tokens/s x bytes / bandwidth``; the bandwidth is measured here by streaming
+reads of a buffer far larger than the caches).
+
+    python benchmarks/decode.py [--threads 2] [--repeat 3] [--prompts 16 512] [--new 64]
+                                [--models layers head] [--workdir DIR] [--out docs/decode-speed]
+                                [--update-readme]
+
+Writes ``<out>.json`` and ``<out>.png`` (bar chart of decode tokens/s) and, with
+``--update-readme``, the speed table between the README's speed-table markers.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -28,13 +47,21 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-CONFIG = dict(vocab_size=151552, hidden_size=256, intermediate_size=1024, num_hidden_layers=20,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-              attention_bias=True, pad_token_id=151329, eos_token_id=[151329])
+MODELS = {
+    "layers": dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=2, head_dim=64),
+    "head": dict(vocab_size=151552, hidden_size=256, intermediate_size=1024, num_hidden_layers=20,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+}
+COMMON = dict(max_position_embeddings=4096, attention_bias=True, pad_token_id=0, eos_token_id=[1])
+BITS = ("fp32", "int8", "int4")
+LLAMA_KIND = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+README_BEGIN, README_END = "<!-- speed-table:begin -->", "<!-- speed-table:end -->"
 
 
 def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -49,22 +76,51 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def make_checkpoint(d: Path) -> None:
+def make_checkpoint(d: Path, shape: dict) -> None:
     from transformers import GlmConfig, GlmForCausalLM
 
+    if (d / "config.json").is_file():
+        return
     torch.manual_seed(0)
-    m = GlmForCausalLM(GlmConfig(**CONFIG, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                           "partial_rotary_factor": 0.5}))
-    m.save_pretrained(d)
+    cfg = GlmConfig(**shape, **COMMON, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                         "partial_rotary_factor": 0.5})
+    GlmForCausalLM(cfg).save_pretrained(d)
+
+
+def tensor_bytes(files) -> dict[str, int]:
+    """{tensor name: bytes} of safetensors files (from their headers)."""
+    from safetensors import safe_open
+
+    sizes = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4, "I64": 8}
+    out = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                s = h.get_slice(k)
+                out[k] = math.prod(s.get_shape()) * sizes[s.get_dtype()]
+    return out
+
+
+def decode_bytes(d: Path) -> int:
+    """What a decode step reads: every tensor but the embedding table."""
+    return sum(n for k, n in tensor_bytes(d.glob("*.safetensors")).items() if "embed" not in k)
+
+
+def gguf_decode_bytes(path: Path) -> int:
+    """The same for a GGUF file: every tensor but ``token_embd``."""
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if not t.name.startswith("token_embd"))
 
 
 class HFRunner:
-    name = "transformers"
+    bits = "fp32"
 
-    def __init__(self, d):
+    def __init__(self, d, name="transformers"):
         from transformers import AutoModelForCausalLM
 
         self.m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        self.name = name
 
     @torch.inference_mode()
     def prefill(self, ids):
@@ -73,15 +129,15 @@ class HFRunner:
     @torch.inference_mode()
     def generate(self, ids, n):
         return self.m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=CONFIG["pad_token_id"])
+                               pad_token_id=COMMON["pad_token_id"])
 
 
 class GLMRunner:
-    def __init__(self, d, backend="cpu", name=None):
+    def __init__(self, d, backend, bits, name):
         from glm_runtime import load_model
 
         self.m = load_model(d, backend=backend)
-        self.name = name or f"glm-runtime[{backend}]"
+        self.name, self.bits = name, bits
 
     def prefill(self, ids):
         self.m.generate(ids, max_new_tokens=1, stop_token_ids=[])
@@ -98,86 +154,206 @@ def time_once(r, ids, n):
     t = time.perf_counter()
     out = r.generate(ids, n)
     tg = time.perf_counter() - t
-    assert out.shape[1] == ids.shape[1] + n
+    assert out.shape[1] == ids.shape[1] + n, (r.name, out.shape)
     return ids.shape[1] / tp, (n - 1) / max(tg - tp, 1e-9)  # the first new token comes from the prefill
 
 
-def time_all(runners, ids, n, repeat):
-    """Medians per runner, the runners taking turns in every round so that drift in the
-    machine's speed affects them alike; the ratio to the first runner is taken round by
-    round, then its median reported."""
+def time_all(runners, ids, n, repeat, progress):
+    """Per runner: medians of prefill and decode tokens/s, and per-round ratios to
+    transformers and to llama.cpp at the same bit width."""
     for r in runners:  # warm-up
         r.prefill(ids)
         r.generate(ids, 4)
-    rounds = [[time_once(r, ids, n) for r in runners] for _ in range(repeat)]
+    rounds = []
+    for i in range(repeat):
+        rounds.append({r.name: time_once(r, ids, n) for r in runners})
+        progress(f"  round {i + 1}/{repeat} done")
     out = {}
-    for i, r in enumerate(runners):
-        pre = statistics.median(x[i][0] for x in rounds)
-        dec = statistics.median(x[i][1] for x in rounds)
-        ratio_p = statistics.median(x[i][0] / x[0][0] for x in rounds)
-        ratio_d = statistics.median(x[i][1] / x[0][1] for x in rounds)
-        out[r.name] = (pre, dec, ratio_p, ratio_d)
+    llama = {r.bits: r.name for r in runners if r.name.startswith("llama.cpp")}
+    for r in runners:
+        rec = {"prefill": statistics.median(x[r.name][0] for x in rounds),
+               "decode": statistics.median(x[r.name][1] for x in rounds)}
+        for peer, key in (("transformers", "vs_transformers"), (llama.get(r.bits), "vs_llama_cpp")):
+            if peer and peer != r.name:
+                rec[key] = {"prefill": statistics.median(x[r.name][0] / x[peer][0] for x in rounds),
+                            "decode": statistics.median(x[r.name][1] / x[peer][1] for x in rounds)}
+        out[r.name] = rec
     return out
 
 
-def weight_shapes(d: Path) -> dict[str, int]:
-    """Element count of every tensor in the checkpoint."""
-    from safetensors import safe_open
+def build_runners(d: Path, work: Path, threads: int, progress) -> tuple[list, dict[str, int]]:
+    """Every runner on checkpoint ``d``, and the bytes each reads per decode step."""
+    from glm_runtime.converters import hf, native
+    from glm_runtime.converters.onnx.export import export_checkpoint
+    from glm_runtime.converters.quantize import quantize_scheme
 
-    out = {}
-    for f in d.glob("*.safetensors"):
-        with safe_open(str(f), "pt") as h:
-            for k in h.keys():
-                out[k] = math.prod(h.get_slice(k).get_shape())
-    return out
+    runners, nbytes = [HFRunner(d)], {"transformers": decode_bytes(d)}
+    natives = {"fp32": d}
+    for bits in (8, 4):  # glmrt quantize's default scheme
+        out = work / f"native-int{bits}"
+        if not (out / "config.json").is_file():
+            qc, qs = quantize_scheme(*hf.read(d), bits, "fast")
+            native.save(out, qc, qs)
+        natives[f"int{bits}"] = out
+    for bits, src in natives.items():
+        runners.append(GLMRunner(src, "cpu", bits, f"glm-runtime cpu {bits}"))
+        nbytes[runners[-1].name] = decode_bytes(src)
+    for bits, src in natives.items():
+        out = work / f"onnx-{bits}"
+        if not (out / "model.onnx").is_file():
+            progress(f"  exporting {bits} to ONNX")
+            export_checkpoint(src, out, progress=False)
+        runners.append(GLMRunner(out, "onnx", bits, f"glm-runtime onnx {bits}"))
+        nbytes[runners[-1].name] = decode_bytes(src)
+    import llama_cpp_peer as peer
+
+    why = peer.unavailable_reason()
+    if why:
+        progress(f"  {why}: llama.cpp is not compared")
+        return runners, nbytes
+    f32 = work / "llama-f32.gguf"
+    if not f32.is_file():
+        peer.write_gguf(d, f32)
+    ref = HFRunner(d, "check")
+    ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
+    want = ref.generate(ids, 16)
+    for bits in BITS:
+        kind = LLAMA_KIND[bits]
+        path = f32 if kind == "f32" else work / f"llama-{kind}.gguf"
+        if not path.is_file():
+            peer.quantize(f32, path, kind)
+        r = peer.LlamaCppRunner(path, threads, f"llama.cpp {kind}")
+        r.bits = bits
+        if kind == "f32" and not torch.equal(r.generate(ids, 16), want):
+            raise SystemExit("llama.cpp's f32 greedy output differs from transformers': the GGUF is not the same "
+                             "model, the comparison would be meaningless")
+        runners.append(r)
+        nbytes[r.name] = gguf_decode_bytes(path)
+    return runners, nbytes
+
+
+def report_lines(results: dict) -> list[str]:
+    bw = results["bandwidth_gbs"]
+    lines = []
+    for mname, m in results["models"].items():
+        lines.append(f"\nmodel '{mname}': {m['params'] / 1e6:.0f}M parameters ({m['description']})")
+        for plen, runs in m["prompts"].items():
+            lines.append(f"  prompt {plen}, decode {results['new_tokens']} tokens, batch 1:")
+            lines.append(f"    {'runner':<26}{'prefill tok/s':>14}{'decode tok/s':>13}{'MB/step':>9}{'% roof':>8}"
+                         f"{'vs transformers':>17}{'vs llama.cpp':>14}")
+            for name, r in runs.items():
+                mb = m["bytes_per_step"][name] / 1e6
+                roof = 100 * r["decode"] * m["bytes_per_step"][name] / (bw * 1e9)
+                vt = r.get("vs_transformers", {})
+                vl = r.get("vs_llama_cpp", {})
+                fmt = lambda v: f"{v['prefill']:.2f}/{v['decode']:.2f}" if v else "-"  # noqa: E731
+                lines.append(f"    {name:<26}{r['prefill']:>14.0f}{r['decode']:>13.1f}{mb:>9.0f}{roof:>7.0f}%"
+                             f"{fmt(vt):>17}{fmt(vl):>14}")
+    return lines
+
+
+def readme_table(results: dict) -> str:
+    """The README's speed table: the layer-dominated model, prompts 16 and 512."""
+    m = results["models"].get("layers") or next(iter(results["models"].values()))
+    plens = list(m["prompts"])
+    head = "| runtime | " + " | ".join(f"prefill p{p}" for p in plens) + " | " + \
+        " | ".join(f"decode p{p}" for p in plens) + " | decode vs llama.cpp | % of roofline |"
+    rows = [head, "|" + "---|" * (len(plens) * 2 + 3)]
+    for name in m["prompts"][plens[0]]:
+        runs = [m["prompts"][p][name] for p in plens]
+        vl = runs[0].get("vs_llama_cpp")
+        versus = f"{vl['decode']:.2f}" if vl else "-"
+        roof = 100 * runs[0]["decode"] * m["bytes_per_step"][name] / (results["bandwidth_gbs"] * 1e9)
+        rows.append(f"| {name} | " + " | ".join(f"{r['prefill']:.0f}" for r in runs) + " | "
+                    + " | ".join(f"{r['decode']:.1f}" for r in runs) + f" | {versus} | {roof:.0f} % |")
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(m, p) for m in results["models"] for p in results["models"][m]["prompts"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    families = [("glm-runtime cpu", "tab:blue"), ("glm-runtime onnx", "tab:orange"), ("llama.cpp", "tab:green")]
+    for ax, (mname, plen) in zip(axes[0], panels):
+        runs = results["models"][mname]["prompts"][plen]
+        width = 0.25
+        for i, (fam, color) in enumerate(families):
+            ys = []
+            for bits in BITS:
+                name = next((n for n in runs if n.startswith(fam) and
+                             (n.endswith(bits) or n.endswith(LLAMA_KIND[bits]))), None)
+                ys.append(runs[name]["decode"] if name else 0)
+            ax.bar([j + (i - 1) * width for j in range(len(BITS))], ys, width, label=fam, color=color)
+        if "transformers" in runs:
+            ax.axhline(runs["transformers"]["decode"], color="gray", ls="--", label="transformers fp32")
+        ax.set_xticks(range(len(BITS)), BITS)
+        ax.set_title(f"model '{mname}', prompt {plen}")
+        ax.set_ylabel("decode tokens/s (batch 1)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"decode speed, {results['threads']} threads, {results['cpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def update_readme(table: str) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    a, b = text.index(README_BEGIN), text.index(README_END)
+    readme.write_text(text[:a + len(README_BEGIN)] + "\n" + table + "\n" + text[b:])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--prompt", type=int, default=128, help="prompt length")
+    ap.add_argument("--prompts", type=int, nargs="+", default=[16, 512], help="prompt lengths")
     ap.add_argument("--new", type=int, default=64, help="tokens to decode")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    ap.add_argument("--workdir", help="keep checkpoints, exports and GGUFs here between runs (default: a temp dir)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "decode-speed"), help="results path without suffix")
+    ap.add_argument("--update-readme", action="store_true", help="rewrite the README's speed table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    bw = measure_bandwidth()
+
+    def progress(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    results = {"threads": a.threads, "new_tokens": a.new, "repeat": a.repeat,
+               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "models": {}}
+    results["bandwidth_gbs"] = measure_bandwidth() / 1e9
     with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp) / "glm4-98m"
-        make_checkpoint(d)
-        sizes = weight_shapes(d)
-        # a decode step reads every weight once, except the embedding table (one row)
-        wbytes = 4 * sum(n for k, n in sizes.items() if "embed_tokens" not in k)
-        runners = [HFRunner(d), GLMRunner(d, "cpu")]
-        # weight-only INT8 / INT4 (GLM-130B scheme) of the same weights, on the cpu low-bit kernels
-        from glm_runtime.converters import hf, native
-        from glm_runtime.converters.quantize import quantize_state
-
-        wbytes_of = {}
-        for bits in (8, 4):
-            qc, qs = quantize_state(*hf.read(d), bits)
-            native.save(Path(tmp) / f"int{bits}", qc, qs)
-            runners.append(GLMRunner(Path(tmp) / f"int{bits}", "cpu", f"glm-runtime[cpu] INT{bits}"))
-            wbytes_of[runners[-1].name] = sum(t.numel() * t.element_size() for k, t in qs.items()
-                                              if k != "embed.weight")
-        # the onnx backend: an ONNX export of the same weights (fp32 graph) on onnxruntime's CPU provider
-        from glm_runtime.converters.onnx.export import export_checkpoint
-
-        export_checkpoint(d, Path(tmp) / "onnx", progress=False)
-        runners.append(GLMRunner(Path(tmp) / "onnx", "onnx"))
-        ids = torch.randint(0, 150000, (1, a.prompt), generator=torch.Generator().manual_seed(0))
-        results = time_all(runners, ids, a.new, a.repeat)
-    roof = bw / wbytes
-    n_params = sum(sizes.values())
-    print(f"model: GLM-4 architecture, {n_params / 1e6:.1f}M parameters fp32; {torch.get_num_threads()} threads; "
-          f"prompt {a.prompt}, decode {a.new} tokens, batch 1, median of {a.repeat}")
-    print(f"memory bandwidth (streaming read): {bw / 1e9:.1f} GB/s; weights read per decode step "
-          f"{wbytes / 1e6:.0f} MB -> roofline {roof:.1f} tokens/s")
-    print(f"{'runtime':<32}{'prefill tok/s':>15}{'decode tok/s':>14}{'% roofline':>12}")
-    for name, (p, dd, _, _) in results.items():  # quantized runners: roofline of their own (smaller) weights
-        print(f"{name:<32}{p:>15.1f}{dd:>14.2f}{100 * dd * wbytes_of.get(name, wbytes) / bw:>11.1f}%")
-    for name, (_, _, rp, rd) in results.items():
-        if name != "transformers":
-            print(f"{name} / transformers (median of per-round ratios): prefill x{rp:.2f}, decode x{rd:.2f}")
+        base = Path(a.workdir) if a.workdir else Path(tmp)
+        for mname in a.models:
+            progress(f"model '{mname}': building checkpoints and runners")
+            work = base / mname
+            work.mkdir(parents=True, exist_ok=True)
+            d = work / "hf"
+            make_checkpoint(d, MODELS[mname])
+            runners, nbytes = build_runners(d, work, a.threads, progress)
+            shape = MODELS[mname]
+            m = {"params": sum(n for n in tensor_bytes(d.glob("*.safetensors")).values()) // 4,
+                 "description": f"hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, vocabulary "
+                                f"{shape['vocab_size']}",
+                 "bytes_per_step": nbytes, "prompts": {}}
+            for plen in a.prompts:
+                progress(f"  prompt {plen}")
+                ids = torch.randint(0, 1000, (1, plen), generator=torch.Generator().manual_seed(0))
+                m["prompts"][str(plen)] = time_all(runners, ids, a.new, a.repeat, progress)
+            results["models"][mname] = m
+            del runners
+    print(f"{results['cpu']}, {a.threads} threads, torch {results['torch']}; streaming-read bandwidth "
+          f"{results['bandwidth_gbs']:.1f} GB/s; median of {a.repeat} interleaved rounds")
+    print("\n".join(report_lines(results)))
+    out = Path(a.out)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out.with_suffix(".png"))
+    if a.update_readme:
+        update_readme(readme_table(results))
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ from tqdm import tqdm
 from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import CheckpointError
 from glm_runtime.core.presets import PRESETS
+from glm_runtime.core.quant import LINEARS as QUANT_LINEARS
 
 from .native import atomic_dir
-from .quantize import LINEARS as QUANT_LINEARS
 from .tensor_io import read_config_json, read_state_dict
 
 log = logging.getLogger("glm_runtime.converters.chatglm")

@@ -21,11 +21,12 @@ from .registry import Backend, kernels_for
 
 def required_ops(config: GLMConfig) -> tuple[str, ...]:
     """The ops a model of this config calls at inference (strict mode checks only these)."""
-    ops = ["embedding", "lm_head", "rotary", "attention",
+    ops = ["embedding", "rotary", "attention",
            "quantized_linear" if config.quantization_bits else "linear",
            "rms_norm" if config.norm == "rmsnorm" else "layer_norm",
-           "gelu_tanh" if config.activation == "gelu_tanh" else "glu"]
-    return tuple(ops)
+           "gelu_tanh" if config.activation == "gelu_tanh" else "glu",
+           "quantized_linear" if config.lm_head_bits else "lm_head"]
+    return tuple(dict.fromkeys(ops))
 
 
 def op_table(backend: Backend, config: GLMConfig, dtype: torch.dtype, strict: bool | None) -> OpTable:
@@ -47,7 +48,7 @@ def materialize(config: GLMConfig, state: dict[str, torch.Tensor], ops: OpTable,
     tensors cast to ``dtype`` and moved to ``device``; ``prepare(key, tensor)`` gives each
     tensor the layout its kernels want (:meth:`Backend.prepare_parameter`)."""
     with torch.device("meta"):
-        model = GLMModel(config, ops, quant_bits=config.quantization_bits, dtype=dtype)
+        model = GLMModel(config, ops, dtype=dtype)
     placed = {}
     for k, v in state.items():
         v = v.to(device) if keeps_stored_dtype(k, v) else v.to(device=device, dtype=dtype)

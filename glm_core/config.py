@@ -34,6 +34,7 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu_tanh")
 ROPES = ("neox", "neox_2d", "interleaved")
 ATTENTIONS = ("causal", "prefix")
 QKV_LAYOUTS = ("blocked", "per_head")
+QUANT_BLOCKS = (32, 64, 128, 256)  # what the CPU int4 kernels (torch's and onnxruntime's) take
 
 
 @dataclass
@@ -85,6 +86,12 @@ class GLMConfig:
     torch_dtype: str = "float32"
     # Weight-only quantization of the per-layer linears (None, 8 or 4); see glm_runtime.core.quant.
     quantization_bits: int | None = None
+    # None: one scale per output row (GLM-130B, ChatGLM); INT4 may use one per block of
+    # this many input columns (32, 64, 128 or 256) instead.
+    quantization_block: int | None = None
+    # Weight-only quantization of the output projection (None or 8). A quantized head is
+    # its own matrix: a tied model's head becomes an INT8 copy of the embedding.
+    lm_head_bits: int | None = None
     # special tokens
     pad_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -125,6 +132,21 @@ class GLMConfig:
                 bad("2D RoPE needs head_dim divisible by 4")
         if self.quantization_bits not in (None, 4, 8):
             bad(f"quantization_bits={self.quantization_bits!r}, expected 4, 8 or none")
+        if self.quantization_block is not None:
+            if self.quantization_bits != 4 or self.quantization_block not in QUANT_BLOCKS:
+                bad(f"quantization_block={self.quantization_block!r}: block-wise scales are for INT4, with blocks of "
+                    f"{', '.join(map(str, QUANT_BLOCKS))}")
+            for name in ("hidden_size", "ffn_hidden_size"):
+                if getattr(self, name) % self.quantization_block:
+                    bad(f"{name}={getattr(self, name)} is not a multiple of quantization_block="
+                        f"{self.quantization_block}")
+            if self.q_size % self.quantization_block:
+                bad(f"num_heads x head_dim = {self.q_size} is not a multiple of quantization_block="
+                    f"{self.quantization_block}")
+        if self.lm_head_bits not in (None, 8):
+            bad(f"lm_head_bits={self.lm_head_bits!r}, expected 8 or none")
+        if self.lm_head_bits and self.tie_word_embeddings:
+            bad("a quantized output projection is its own matrix: tie_word_embeddings must be false")
         if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
             bad(f"rope_dim={self.rope_dim} must be even and within head_dim={self.head_dim}")
         for t in self.eos_token_ids + [self.pad_token_id]:

@@ -1,5 +1,12 @@
 """Token generation: prefill, then one token per step through a preallocated KV cache.
 
+:class:`DecodeBatch` is the one decode step of the runtime: ``generate`` runs it for a
+batch whose rows advance together, and the serving engine runs it for sequences that
+start, advance and stop independently, each in its own row ("slot") of the cache. A step
+allocates nothing: tokens, positions, write positions and the attention mask live in
+buffers made once, and the step reads views of them (fixed shapes when asked: the whole
+cache width and a fixed row count, what a captured CUDA graph needs).
+
 Semantics follow transformers' ``generate`` so results can be compared token for token:
 logits processing order is temperature, top-k, top-p; a row that emitted a stop token
 keeps emitting the pad token; generation ends early when every row has stopped.
@@ -11,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from .masks import decode_inputs, prefill_inputs
+from .errors import GLMError
+from .masks import DecodeState, decode_inputs, prefill_inputs
 
 
 @dataclass
@@ -49,6 +57,95 @@ def next_tokens(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator | 
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+def check_finite(logits: torch.Tensor, step: int) -> None:
+    """Non-finite logits (NaN or inf weights, an overflow) must not become text: one line
+    naming the step instead."""
+    if not bool(torch.isfinite(logits).all()):
+        raise GLMError(f"the model produced non-finite logits at generation step {step} (the weights contain "
+                       "NaN/inf values, or the computation overflowed)")
+
+
+def check_context(config, prompt_len: int, new_tokens: int) -> None:
+    """Prompt plus new tokens must fit the model's positions, checked before any allocation."""
+    limit = config.max_position_embeddings
+    if prompt_len + new_tokens > limit:
+        raise GLMError(f"the prompt ({prompt_len} tokens) plus max new tokens ({new_tokens}) is "
+                       f"{prompt_len + new_tokens} positions, more than the model's {limit}")
+
+
+class DecodeBatch:
+    """The decode state of up to ``rows`` sequences sharing one KV cache of ``max_len``
+    positions, row r holding sequence r (see the module docstring).
+
+    Per row: the token to feed next, its position (1D, or 2D for ChatGLM-6B), the position
+    increment, how many cache positions are written, and which of them are real (left
+    padding of a ``generate`` batch is not). :meth:`prefill` runs a prompt (or a chunk of
+    one) into some rows, :meth:`begin_decode` sets their next positions, and :meth:`step`
+    feeds one token to each of rows 0..n-1 and returns the next logits.
+    """
+
+    def __init__(self, model, rows: int, max_len: int):
+        self.model, self.rows, self.max_len = model, rows, max_len
+        dev = model.device
+        two_d = model.config.rope == "neox_2d"
+        self.cache = model.new_cache(rows, max_len)
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=dev)
+        self.next_pos = torch.zeros((rows, 2) if two_d else (rows,), dtype=torch.long, device=dev)
+        self.inc = torch.ones_like(self.next_pos)
+        self.length = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.real = torch.zeros(rows, max_len, dtype=torch.bool, device=dev)
+        self._row_ids = torch.arange(rows, device=dev)
+        self.host_length = [0] * rows  # the same lengths on the host: a step is sized without a sync
+        self.aligned = False  # rows advance together (a generate batch): one slice write, no per-row index
+        self.unpadded = False  # and none has padding: no mask at all
+
+    def prefill(self, rows: slice, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
+                real: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Run ``ids`` [n, T] at cache positions ``start``.. of ``rows`` (a prompt, or a chunk
+        of one); ``real`` [n, T] marks padding (default: none). Returns the model's logits."""
+        cache = self.cache if rows == slice(0, self.rows) else self.cache.view(rows)
+        logits = self.model(ids, pos, mask, cache=cache, start=start, logits_index=logits_index)
+        T = ids.shape[1]
+        self.real[rows, start:start + T] = True if real is None else real
+        self.length[rows] = start + T
+        for r in range(*rows.indices(self.rows)):
+            self.host_length[r] = start + T
+        return logits
+
+    def begin_decode(self, rows: slice, state: DecodeState) -> None:
+        """The rows' prompts are in: their next positions come from the prompt's state."""
+        self.next_pos[rows] = state.next_pos
+        self.inc[rows] = state.inc
+
+    def step(self, n: int, tokens: torch.Tensor, fixed_shape: bool = False) -> torch.Tensor:
+        """Feed ``tokens`` [n] to rows 0..n-1, each at its own next position, and return the
+        logits [n, V]. ``fixed_shape`` attends over the whole cache (every step the same
+        shapes) instead of the longest row's length."""
+        lengths = self.host_length[:n]
+        width = self.max_len if fixed_shape else max(lengths) + 1
+        if max(lengths) >= self.max_len:
+            raise GLMError(f"the KV cache of {self.max_len} positions is full")
+        self.tokens[:n, 0] = tokens
+        self.real[self._row_ids[:n], self.length[:n]] = True
+        if self.aligned and not fixed_shape:
+            start, mask = lengths[0], None if self.unpadded else self.real[:n, None, None, :width]
+        else:
+            start, mask = self.length[:n], self.real[:n, None, None, :width]
+        logits = self.model(self.tokens[:n], self.next_pos[:n].unsqueeze(-1), mask, cache=self.cache, start=start)
+        self.length[:n] += 1
+        self.next_pos[:n] += self.inc[:n]
+        for r in range(n):
+            self.host_length[r] += 1
+        return logits[:, -1]
+
+    def reset(self, rows: slice) -> None:
+        """Free ``rows`` for a new sequence (a serving slot)."""
+        self.real[rows] = False
+        self.length[rows] = 0
+        for r in range(*rows.indices(self.rows)):
+            self.host_length[r] = 0
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, s: SamplingConfig,
              pad_token_id: int, use_cache: bool = True,
@@ -60,39 +157,43 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     """
     cfg = model.config
     B, T = input_ids.shape
+    N = s.max_new_tokens
     dev = input_ids.device
+    check_context(cfg, T, N)
     gen = None
     if s.do_sample:
         gen = torch.Generator(device=dev)
         gen.manual_seed(s.seed if s.seed is not None else torch.seed())
     stops = torch.tensor(sorted(set(s.stop_token_ids)), dtype=torch.long, device=dev)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
-    out = input_ids
+    out = torch.full((B, T + N), pad_token_id, dtype=torch.long, device=dev)
+    out[:, :T] = input_ids
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-
+    last = torch.tensor([T - 1], device=dev)
     if use_cache:
-        cache = model.new_cache(B, T + s.max_new_tokens)
+        batch = DecodeBatch(model, B, T + N)
         pos, mask, state = prefill_inputs(cfg, input_ids, attention_mask)
-        last = torch.tensor([T - 1], device=dev)
-        logits = model(input_ids, pos, mask, cache=cache, start=0, logits_index=last)[:, -1].float()
-    for step in range(s.max_new_tokens):
+        rows = slice(0, B)
+        logits = batch.prefill(rows, input_ids, pos, mask, real=state.real, logits_index=last)[:, -1]
+        batch.begin_decode(rows, state)
+        batch.aligned, batch.unpadded = True, state.all_real
+    for step in range(N):
         if not use_cache:  # recompute the whole sequence: the reference for the cached path
-            pos, mask = full_inputs(cfg, input_ids, attention_mask, out.shape[1] - T)
-            last = torch.tensor([out.shape[1] - 1], device=dev)
-            logits = model(out, pos, mask, logits_index=last)[:, -1].float()
-        tok = next_tokens(logits, s, gen)
-        tok = torch.where(unfinished, tok, torch.full_like(tok, pad_token_id))
-        out = torch.cat((out, tok[:, None]), 1)
+            pos, mask = full_inputs(cfg, input_ids, attention_mask, step)
+            logits = model(out[:, :T + step], pos, mask, logits_index=last + step)[:, -1]
+        logits = logits.float()
+        check_finite(logits, step)
+        tok = torch.where(unfinished, next_tokens(logits, s, gen), pad_token_id)
+        out[:, T + step] = tok
         if stream is not None:
             stream(tok)
         if len(stops):
             unfinished &= ~torch.isin(tok, stops)
-        if not bool(unfinished.any()) or step == s.max_new_tokens - 1:
-            break
+        if step == N - 1 or not bool(unfinished.any()):
+            return out[:, :T + step + 1]
         if use_cache:
-            pos, mask = decode_inputs(state)
-            logits = model(tok[:, None], pos, mask, cache=cache, start=T + step)[:, -1].float()
+            logits = batch.step(B, tok)
     return out
 
 

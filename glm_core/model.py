@@ -18,6 +18,7 @@ Parameter names are the native checkpoint's keys::
     layers.{i}.post_mlp_norm.weight           sandwich norm (GLM-4-0414)
     final_norm.{weight,bias}
     lm_head.weight                            absent when tied to embed.weight
+    lm_head.{qweight,scale}                   instead of lm_head.weight when lm_head_bits is set
 
 A quantized linear stores ``qweight`` (int8) and ``scale`` instead of ``weight``.
 
@@ -51,14 +52,17 @@ class Linear(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    """Weight-only INT8/INT4 linear; ``qweight``/``scale`` as in :mod:`glm_runtime.core.quant`."""
+    """Weight-only INT8/INT4 linear; ``qweight``/``scale`` as in :mod:`glm_runtime.core.quant`
+    (``block``: scales per block of that many input columns, else per output row)."""
 
-    def __init__(self, ops: OpTable, n_in: int, n_out: int, bias: bool, bits: int, dtype=None, device=None):
+    def __init__(self, ops: OpTable, n_in: int, n_out: int, bias: bool, bits: int, block: int | None = None,
+                 dtype=None, device=None):
         super().__init__()
         self.ops, self.bits = ops, bits
         cols = n_in if bits == 8 else n_in // 2
         self.register_buffer("qweight", torch.empty(n_out, cols, dtype=torch.int8, device=device))
-        self.register_buffer("scale", torch.empty(n_out, dtype=torch.float16, device=device))
+        scale_shape = (n_out, n_in // block) if block else (n_out,)
+        self.register_buffer("scale", torch.empty(scale_shape, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.empty(n_out, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x):
@@ -79,51 +83,51 @@ class Norm(nn.Module):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
 
-def _linear(ops, n_in, n_out, bias, quant_bits, **factory):
-    if quant_bits:
-        return QuantizedLinear(ops, n_in, n_out, bias, quant_bits, **factory)
+def _linear(ops, config: GLMConfig, n_in, n_out, bias, **factory):
+    """A layer's linear: quantized as the config says (:data:`~glm_runtime.core.quant.LINEARS`)."""
+    if config.quantization_bits:
+        return QuantizedLinear(ops, n_in, n_out, bias, config.quantization_bits, config.quantization_block, **factory)
     return Linear(ops, n_in, n_out, bias, **factory)
 
 
 class Attention(nn.Module):
-    def __init__(self, ops: OpTable, config: GLMConfig, layer: int, quant_bits=None, **factory):
+    def __init__(self, ops: OpTable, config: GLMConfig, layer: int, **factory):
         super().__init__()
         c = config
         self.ops, self.config, self.layer = ops, c, layer
-        self.qkv = _linear(ops, c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, quant_bits, **factory)
-        self.dense = _linear(ops, c.q_size, c.hidden_size, c.dense_bias, quant_bits, **factory)
+        self.qkv = _linear(ops, c, c.hidden_size, c.q_size + 2 * c.kv_size, c.qkv_bias, **factory)
+        self.dense = _linear(ops, c, c.q_size, c.hidden_size, c.dense_bias, **factory)
         self.scale = 1.0 / math.sqrt(c.head_dim)
         self.layer_scale = float(layer + 1) if c.query_key_layer_scaling else 1.0
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start, kv_len: int):
         c = self.config
         B, T, _ = x.shape
         qkv = self.qkv(x)
+        nh, g, d = c.num_heads, c.num_kv_heads, c.head_dim
         if c.qkv_layout == "per_head":  # [q_h; k_h; v_h] rows per head (GLM-130B, ChatGLM-6B)
-            q, k, v = qkv.view(B, T, c.num_heads, 3 * c.head_dim).split(c.head_dim, dim=-1)
-        else:  # blocked [Q | K | V] (ChatGLM2+, GLM-4)
-            q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
-            q = q.view(B, T, c.num_heads, c.head_dim)
-            k = k.view(B, T, c.num_kv_heads, c.head_dim)
-            v = v.view(B, T, c.num_kv_heads, c.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q = self.ops.rotary(q, cos, sin, c.rope)
-        k = self.ops.rotary(k, cos, sin, c.rope)
+            q, k, v = qkv.view(B, T, nh, 3, d).transpose(1, 2).unbind(3)
+            q = self.ops.rotary(q, cos, sin, c.rope)
+            k = self.ops.rotary(k, cos, sin, c.rope)
+        else:  # blocked [Q | K | V] (ChatGLM2+, GLM-4): the q and k heads are rotated in one call
+            heads = qkv.view(B, T, nh + 2 * g, d).transpose(1, 2)
+            qk = self.ops.rotary(heads[:, :nh + g], cos, sin, c.rope)
+            q, k, v = qk[:, :nh], qk[:, nh:], heads[:, nh + g:]
         if cache is not None:
-            k, v = cache.update(self.layer, k, v, start)
+            k, v = cache.update(self.layer, k, v, start, kv_len)
         o = self.ops.attention(q, k, v, mask, self.scale, c.mask_value, self.layer_scale)
         o = o.transpose(1, 2).reshape(B, T, c.q_size)
         return self.dense(o)
 
 
 class MLP(nn.Module):
-    def __init__(self, ops: OpTable, config: GLMConfig, quant_bits=None, **factory):
+    def __init__(self, ops: OpTable, config: GLMConfig, **factory):
         super().__init__()
         c = config
         self.ops, self.activation = ops, c.activation
         width = c.ffn_hidden_size * (2 if c.gated else 1)
-        self.fc1 = _linear(ops, c.hidden_size, width, c.mlp_bias, quant_bits, **factory)
-        self.fc2 = _linear(ops, c.ffn_hidden_size, c.hidden_size, c.mlp_bias, quant_bits, **factory)
+        self.fc1 = _linear(ops, c, c.hidden_size, width, c.mlp_bias, **factory)
+        self.fc2 = _linear(ops, c, c.ffn_hidden_size, c.hidden_size, c.mlp_bias, **factory)
 
     def forward(self, x):
         u = self.fc1(x)
@@ -135,27 +139,27 @@ class Block(nn.Module):
     """One transformer layer: pre-norm (ChatGLM2+), sandwich (GLM-4-0414) or DeepNorm
     post-LN (GLM-130B, ChatGLM-6B: the residual is the *normalised* input times alpha)."""
 
-    def __init__(self, ops: OpTable, config: GLMConfig, layer: int, quant_bits=None, **factory):
+    def __init__(self, ops: OpTable, config: GLMConfig, layer: int, **factory):
         super().__init__()
         c = config
         self.deepnorm = c.residual == "deepnorm"
         self.alpha = c.deepnorm_alpha
         self.input_norm = Norm(ops, c, **factory)
-        self.attn = Attention(ops, c, layer, quant_bits, **factory)
+        self.attn = Attention(ops, c, layer, **factory)
         self.mlp_norm = Norm(ops, c, **factory)
-        self.mlp = MLP(ops, c, quant_bits, **factory)
+        self.mlp = MLP(ops, c, **factory)
         self.sandwich = c.sandwich_norm
         if self.sandwich:
             self.post_attn_norm = Norm(ops, c, **factory)
             self.post_mlp_norm = Norm(ops, c, **factory)
 
-    def forward(self, x, cos, sin, mask, cache, start):
+    def forward(self, x, cos, sin, mask, cache, start, kv_len):
         if self.deepnorm:
             a = self.input_norm(x)
-            h = a * self.alpha + self.attn(a, cos, sin, mask, cache, start)
+            h = a * self.alpha + self.attn(a, cos, sin, mask, cache, start, kv_len)
             m = self.mlp_norm(h)
             return m * self.alpha + self.mlp(m)
-        a = self.attn(self.input_norm(x), cos, sin, mask, cache, start)
+        a = self.attn(self.input_norm(x), cos, sin, mask, cache, start, kv_len)
         if self.sandwich:
             a = self.post_attn_norm(a)
         h = x + a
@@ -202,7 +206,8 @@ class Head(nn.Module):
     the embedding's matrix through ``tied``, a reference kept out of the module tree on
     purpose: the one matrix then has one name in the state dict and one entry in
     ``parameters()`` (so an optimiser updates it once), and it stays the embedding's
-    current parameter after a state dict is assigned into the model.
+    current parameter after a state dict is assigned into the model. (A quantized head,
+    ``lm_head_bits``, is a :class:`QuantizedLinear` of its own.)
     """
 
     def __init__(self, ops: OpTable, weight: nn.Parameter | None = None, tied: Embedding | None = None):
@@ -260,18 +265,21 @@ class GLMModel(nn.Module):
     hidden states; ``final_norm`` and ``lm_head`` are None on one that passes them on.
     """
 
-    def __init__(self, config: GLMConfig, ops: OpTable, quant_bits: int | None = None,
-                 device=None, dtype=torch.float32):
+    def __init__(self, config: GLMConfig, ops: OpTable, device=None, dtype=torch.float32):
         super().__init__()
         self.config, self.ops = config, ops
         factory = dict(device=device, dtype=dtype)
         c = config
         self.embed: Embedding | None = Embedding(ops, c.vocab_size, c.hidden_size, **factory)
-        self.layers = Layers({str(i): Block(ops, c, i, quant_bits, **factory) for i in range(c.num_layers)})
+        self.layers = Layers({str(i): Block(ops, c, i, **factory) for i in range(c.num_layers)})
         self.final_norm: Norm | None = Norm(ops, c, **factory)
-        self.lm_head: Head | None = (
-            Head(ops, tied=self.embed) if c.tie_word_embeddings
-            else Head(ops, weight=nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory))))
+        self.lm_head: nn.Module | None
+        if c.lm_head_bits:
+            self.lm_head = QuantizedLinear(ops, c.hidden_size, c.vocab_size, False, c.lm_head_bits, **factory)
+        elif c.tie_word_embeddings:
+            self.lm_head = Head(ops, tied=self.embed)
+        else:
+            self.lm_head = Head(ops, weight=nn.Parameter(torch.empty(c.vocab_size, c.hidden_size, **factory)))
         self.rotary = Rotary(c, device=device)
 
     @property
@@ -287,27 +295,31 @@ class GLMModel(nn.Module):
     def layer_ids(self) -> list[int]:
         return [int(k) for k in self.layers]
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache of the layers this model holds, for up to ``max_len`` positions
-        (KV heads as the attention modules hold them: a tensor-parallel rank has its share)."""
+    def new_cache(self, rows: int, max_len: int) -> KVCache:
+        """An empty KV cache of the layers this model holds, for ``rows`` sequences of up to
+        ``max_len`` positions (KV heads as the attention modules hold them: a
+        tensor-parallel rank has its share)."""
         heads = next(iter(self.layers.values())).attn.config.num_kv_heads if len(self.layers) else 0
-        return KVCache(self.layer_ids, batch, heads, max_len, self.config.head_dim, self.dtype, self.device)
+        return KVCache(self.layer_ids, rows, heads, max_len, self.config.head_dim, self.dtype, self.device)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                cache: KVCache | None = None, start: int = 0,
+                cache: KVCache | None = None, start: int | torch.Tensor = 0,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, T, V], or [B, len(logits_index), V] for the positions ``logits_index``.
 
         x: token ids [B, T], or hidden states [B, T, H] for a model without ``embed``; a
         model without ``lm_head`` returns hidden states [B, T, H].
-        mask: bool [B, 1, T, start + T], True = may attend; None = attend to everything.
-        With a cache, the new keys and values are written at positions start..start+T.
+        mask: bool [B, 1, T, Tk], True = may attend; None = attend to everything (then Tk
+        = start + T). With a cache, the new keys and values are written at positions
+        start..start+T (``start`` an int), or each row's one new token at its own position
+        (``start`` a LongTensor [B]); attention reads the first Tk cached positions.
         """
+        kv_len = mask.shape[-1] if mask is not None else start + x.shape[1]
         if self.embed is not None:
             x = self.embed(x)
         cos, sin = self.rotary(position_ids, x.dtype)
         for layer in self.layers.values():
-            x = layer(x, cos, sin, mask, cache, start)
+            x = layer(x, cos, sin, mask, cache, start, kv_len)
         if self.lm_head is None:
             return x
         if logits_index is not None:  # project only the positions asked for (T x H x V otherwise)
@@ -320,6 +332,5 @@ def parameter_shapes(config: GLMConfig) -> dict[str, tuple[tuple[int, ...], torc
     (:func:`~glm_runtime.core.quant.keeps_stored_dtype`): what a checkpoint must hold to
     match a config."""
     with torch.device("meta"):
-        m = GLMModel(config, OpTable("reference", {}, torch.float32, strict=False),
-                     quant_bits=config.quantization_bits)
+        m = GLMModel(config, OpTable("reference", {}, torch.float32, strict=False))
     return {k: (tuple(v.shape), v.dtype if keeps_stored_dtype(k, v) else None) for k, v in m.state_dict().items()}

@@ -46,6 +46,9 @@ def check_divisible(config: GLMConfig, tp: int) -> None:
     if c.quantization_bits == 4 and (c.ffn_hidden_size // tp) % 2 or c.quantization_bits == 4 and \
             (c.q_size // tp) % 2:
         problems.append("INT4 row-parallel slices must have an even width")
+    block = c.quantization_block
+    if block and ((c.ffn_hidden_size // tp) % block or (c.q_size // tp) % block):
+        problems.append(f"row-parallel slices must hold whole quantization blocks of {block} columns")
     if problems:
         raise GLMError(f"cannot split this model {tp} ways: " + "; ".join(problems))
 
@@ -87,9 +90,11 @@ def fc1_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
     return torch.cat((a, a + f)) if config.gated else a
 
 
-def split_kind(key: str):
-    """(how, dim) for a native key: how in {vocab, qkv, fc1, cols, replicated}."""
-    if key in ("embed.weight", "lm_head.weight"):
+def split_kind(key: str, full: torch.Tensor | None = None):
+    """(how, dim) for a native key: how in {vocab, qkv, fc1, cols, replicated}. A row-parallel
+    linear's scales are replicated when per output row and split like its columns when
+    block-wise (2-D; ``full`` tells which)."""
+    if key in ("embed.weight", "lm_head.weight", "lm_head.qweight", "lm_head.scale"):
         return "vocab", 0
     m = re.search(r"\.(attn\.qkv|attn\.dense|mlp\.fc1|mlp\.fc2)\.(weight|qweight|bias|scale)$", key)
     if not m:
@@ -99,7 +104,9 @@ def split_kind(key: str):
         return "qkv", 0
     if mod == "mlp.fc1":
         return "fc1", 0
-    return ("cols", 1) if p in ("weight", "qweight") else ("replicated", None)
+    if p in ("weight", "qweight") or (p == "scale" and full is not None and full.dim() == 2):
+        return "cols", 1
+    return "replicated", None
 
 
 def _index(how: str, config: GLMConfig, tp: int, r: int, full_len: int) -> torch.Tensor:
@@ -113,7 +120,7 @@ def _index(how: str, config: GLMConfig, tp: int, r: int, full_len: int) -> torch
 
 def shard(key: str, full: torch.Tensor, config: GLMConfig, tp: int, r: int) -> torch.Tensor:
     """Rank r's part of the full tensor ``key`` (a native checkpoint key)."""
-    how, dim = split_kind(key)
+    how, dim = split_kind(key, full)
     if how == "replicated" or tp == 1:
         return full
     if how == "vocab":
@@ -128,7 +135,7 @@ def shard(key: str, full: torch.Tensor, config: GLMConfig, tp: int, r: int) -> t
 def unshard(key: str, pieces: list[torch.Tensor], config: GLMConfig, tp: int) -> torch.Tensor:
     """Inverse of :func:`shard` from every rank's piece (replicated KV groups: rank order wins,
     copies are equal)."""
-    how, dim = split_kind(key)
+    how, dim = split_kind(key, pieces[0])
     if how == "replicated" or tp == 1:
         return pieces[0]
     if how == "vocab":

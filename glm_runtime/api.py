@@ -132,8 +132,9 @@ def load_model(path: str | os.PathLike, backend: str | Backend | None = None, st
     name), which carries no config of its own. Other keyword arguments go to the backend's
     own loader (:meth:`Backend.load_runtime`) on a backend that runs a graph of its own.
     """
-    b = backend if isinstance(backend, Backend) else get_backend(backend)
-    if tp != 1 or pp != 1 or (dp or 1) != 1 or (under_launcher() and not b.runs_own_graph):
+    parallel = tp != 1 or pp != 1 or (dp or 1) != 1
+    b = backend if isinstance(backend, Backend) else get_backend(backend, needs_graph=parallel)
+    if parallel or (under_launcher() and not b.runs_own_graph):
         if kwargs or sat_args is not None:
             extra = sorted(kwargs) + (["sat_args"] if sat_args is not None else [])
             raise GLMError(f"load_model got unsupported option(s): {', '.join(extra)}")
@@ -157,7 +158,7 @@ def load_parallel(path, backend=None, tp: int = 1, pp: int = 1, dp: int | None =
     ``m(ids)`` returns the full logits and whose ``m.generate(...)`` returns the same tokens
     on every rank.
     """
-    b = backend if isinstance(backend, Backend) else get_backend(backend)
+    b = backend if isinstance(backend, Backend) else get_backend(backend, needs_graph=True)
     if b.runs_own_graph:
         raise GLMError(f"backend {b.name!r} runs an exported graph; tensor and pipeline parallelism need a "
                        "backend that runs the GLM graph")

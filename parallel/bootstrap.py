@@ -306,7 +306,7 @@ def init(backend=None, rank: int | None = None, world_size: int | None = None, l
     global _context
     if _context is not None:
         return _context
-    b = backend if isinstance(backend, Backend) else get_backend(backend)
+    b = backend if isinstance(backend, Backend) else get_backend(backend, needs_graph=True)
     t = Timings()
     t0 = time.perf_counter()
     info = discover(rank, world_size, local_rank)

@@ -63,7 +63,10 @@ class ParallelModel(GLMModel):
         self.lm_head = None
         if self.last:
             head = dict(start=self.vocab_start, vocab_size=c.vocab_size, group=group)
-            if c.tie_word_embeddings and self.first:
+            if c.lm_head_bits:
+                q, s = (sharding.shard(f"lm_head.{n}", getattr(model.lm_head, n), c, tp, r) for n in ("qweight", "scale"))
+                self.lm_head = tpar.VocabParallelQuantizedHead(model.ops, q, s, c.lm_head_bits, **head)
+            elif c.tie_word_embeddings and self.first:
                 self.lm_head = tpar.VocabParallelHead(model.ops, tied=self.embed, **head)
             else:  # the untied head, or the last stage's copy of a tied embedding
                 key = "embed.weight" if c.tie_word_embeddings else "lm_head.weight"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from glm_runtime.core.config import GLMConfig
-from glm_runtime.core.model import Block, Embedding, Head
+from glm_runtime.core.model import Block, Embedding, Head, QuantizedLinear
 from glm_runtime.core.quant import keeps_stored_dtype
 from glm_runtime.core.sharding import check_divisible, kv_groups_of, local_config, shard
 
@@ -142,6 +142,14 @@ class VocabParallelEmbedding(Embedding):
         return reduce_from_group(e.masked_fill(outside[..., None], 0), self.group)
 
 
+def _hide_padding(logits: torch.Tensor, valid: int) -> torch.Tensor:
+    """Set the padded vocabulary columns (beyond ``valid``) to the most negative float."""
+    if valid < logits.shape[-1]:
+        pad = torch.arange(logits.shape[-1], device=logits.device) >= valid
+        logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+    return logits
+
+
 class VocabParallelHead(Head):
     """Output projection over this rank's vocabulary slice: logits [.., V_padded / tp] with
     the padded columns set to the most negative float. The slices are gathered into full
@@ -155,11 +163,24 @@ class VocabParallelHead(Head):
         self.valid = max(0, min(self.matrix.shape[0], vocab_size - start))
 
     def forward(self, x):
-        logits = self.ops.lm_head(copy_to_group(x, self.group), self.matrix)
-        if self.valid < logits.shape[-1]:
-            pad = torch.arange(logits.shape[-1], device=logits.device) >= self.valid
-            logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
-        return logits
+        return _hide_padding(self.ops.lm_head(copy_to_group(x, self.group), self.matrix), self.valid)
+
+
+class VocabParallelQuantizedHead(QuantizedLinear):
+    """:class:`VocabParallelHead` of a quantized output projection (``lm_head_bits``): this
+    rank's rows of ``lm_head.qweight`` / ``lm_head.scale``."""
+
+    def __init__(self, ops, qweight: torch.Tensor, scale: torch.Tensor, bits: int, start: int, vocab_size: int,
+                 group):
+        nn.Module.__init__(self)  # the buffers are the given shards, not new [V, H] ones
+        self.ops, self.bits, self.bias = ops, bits, None
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.start, self.vocab_size, self.group = start, vocab_size, group
+        self.valid = max(0, min(qweight.shape[0], vocab_size - start))
+
+    def forward(self, x):
+        return _hide_padding(super().forward(copy_to_group(x, self.group)), self.valid)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -5,10 +5,17 @@ from random weights, and the tokenizer is trained on the bundled corpus.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+# exports the onnx backend makes on demand go to a directory of this test run, never into
+# the user's cache (subprocesses inherit it)
+os.environ["GLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="glm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GLM_CACHE_DIR"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -27,7 +27,7 @@ LAYER = {"glm_runtime.core": 0, "glm_runtime.converters": 1, "glm_runtime.parall
 APP = 3
 ALLOWED_SIDEWAYS = {("glm_runtime.backends", "glm_runtime.converters")}
 OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "triton", "transformers", "torch_npu", "mpi4py", "matplotlib",
-            "yaml", "regex", "llama_cpp"}
+            "yaml", "regex", "llama_cpp", "fastapi", "starlette", "uvicorn", "sse_starlette", "prometheus_client"}
 LAZY_BY_DESIGN = {("glm_runtime.conformance.plugin", "glm_runtime.conformance.target")}
 
 
@@ -206,6 +206,16 @@ def test_no_import_cycles(project):
 
 def test_function_level_imports_only_for_optional_dependencies(project):
     assert function_level_violations(*project) == []
+
+
+def test_entry_points_import_without_optional_dependencies(project):
+    """The glmrt command, ``load_model``, the conformance kit's pytest plugin and every
+    in-tree backend plugin (imported at discovery) must import with the required
+    dependencies only: an optional one is imported where the feature needing it runs."""
+    g, known = project
+    entries = ["glm_runtime.cli.main", "glm_runtime.api", "glm_runtime.conformance.plugin"]
+    entries += [m for m in known if m.startswith("glm_runtime.backends.") and m.endswith(".plugin")]
+    assert [m for m in entries if needs_optional(m, g, known)] == []
 
 
 def test_the_checks_catch_planted_problems(tmp_path):

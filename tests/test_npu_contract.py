@@ -144,8 +144,14 @@ class FakeTorchNpu(types.ModuleType):
             w = self._unpack(weight.transpose(-1, -2)).transpose(-1, -2).float()  # (n, k/8) pack, transposed
             assert w.shape[0] == K
         N = w.shape[1]
-        assert antiquant_scale.numel() == N and antiquant_group_size == 0
-        y = x.float() @ (w * antiquant_scale.float().reshape(1, N))
+        if antiquant_group_size:  # per group of input rows: scale (ceil(K / group), N), group a multiple of 32
+            g = antiquant_group_size
+            assert g % 32 == 0 and tuple(antiquant_scale.shape) == (-(-K // g), N)
+            scale = antiquant_scale.float().repeat_interleave(g, 0)[:K]
+        else:
+            assert antiquant_scale.numel() == N
+            scale = antiquant_scale.float().reshape(1, N)
+        y = x.float() @ (w * scale)
         if bias is not None:
             assert bias.dtype == x.dtype and bias.shape[-1] == N
             y = y + bias.float()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from glm_runtime.core import quant
 from glm_runtime.core.ops import OPS, OpTable, reference, tolerance
+from glm_runtime.core.ops.contract import quantized_linear_slack
 from glm_runtime.core.registry import get_backend
 
 
@@ -142,7 +143,36 @@ def test_cpu_kernels_match_reference_fp32(op):
     kernel = get_backend("cpu").kernels()[op]
     args = _inputs(op, torch.Generator().manual_seed(0))
     atol, rtol = tolerance(torch.float32)
-    torch.testing.assert_close(kernel.fn(*args), OPS[op].reference(*args), atol=atol, rtol=rtol)
+    got, ref = kernel.fn(*args), OPS[op].reference(*args)
+    bound = atol + rtol * ref.abs()
+    if op == "quantized_linear":  # the contract lets low-bit kernels round activations to 8 bits
+        bound = bound + quantized_linear_slack(*args[:3], args[4])
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    assert bool(((got - ref).abs() <= bound).all())
+
+
+def test_quantized_linear_slack_catches_a_wrong_kernel():
+    """The activation-rounding slack is tight enough that a kernel with a real mistake (one
+    row's scale a quarter off; INT4 nibbles swapped) fails it, and kernels that round the
+    activations to bf16 or to int8 per block of 32 pass."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 256, generator=g), torch.randn(32, 256, generator=g)
+    q, s = quant.quantize(w, 8)
+    ref = reference.quantized_linear(x, q, s, None, 8)
+    bound = tolerance(torch.float32)[0] + quantized_linear_slack(x, q, s, 8)
+    assert bool(((reference.quantized_linear(x.bfloat16().float(), q, s, None, 8) - ref).abs() <= bound).all())
+    blocks = x.unflatten(-1, (8, 32))
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    x_int8 = ((blocks / step).round() * step).flatten(-2)
+    assert bool(((reference.quantized_linear(x_int8, q, s, None, 8) - ref).abs() <= bound).all())
+    off = s.clone()
+    off[5] = off[5] * 1.25
+    assert not bool(((reference.quantized_linear(x, q, off, None, 8) - ref).abs() <= bound).all())
+    q4, s4 = quant.quantize(w, 4)
+    swapped = quant.pack_int4(quant.unpack_int4(q4).unflatten(-1, (-1, 2)).flip(-1).flatten(-2))
+    ref4 = reference.quantized_linear(x, q4, s4, None, 4)
+    bound4 = tolerance(torch.float32)[0] + quantized_linear_slack(x, q4, s4, 4)
+    assert not bool(((reference.quantized_linear(x, swapped, s4, None, 4) - ref4).abs() <= bound4).all())
 
 
 def test_op_table_declares_every_op_of_the_contract():

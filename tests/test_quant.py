@@ -22,7 +22,7 @@ from glm_runtime.converters import chatglm, native
 from glm_runtime.converters.quantize import dequantize_state, quantize_state
 from glm_runtime.core.build import random_state
 from glm_runtime.core.ops import reference
-from glm_runtime.core.ops.contract import tolerance
+from glm_runtime.core.ops.contract import quantized_linear_slack, tolerance
 from glm_runtime.core.presets import preset
 from glm_runtime.core.quant import dequantize, pack_int4, quantize, unpack_int4
 
@@ -51,17 +51,34 @@ def test_int4_nibble_order_by_hand():
     assert torch.equal(pack_int4(unpack_int4(q)), q)
 
 
-@pytest.mark.parametrize("bits,n,k", [(8, 40, 96), (4, 48, 96), (4, 64, 256), (4, 40, 96), (4, 48, 50)])
-def test_kernel_matches_dequantised_reference(bits, n, k):
+def assert_within_contract(got, x, q, s, bias, bits):
+    """The op contract's bound for quantized_linear: the fp32 table plus the slack for
+    activations rounded to 8 bits."""
+    want = reference.quantized_linear(x, q, s, bias, bits)
+    atol, rtol = tolerance(torch.float32)
+    bound = atol + rtol * want.abs() + quantized_linear_slack(x, q, s, bits)
+    assert got.shape == want.shape and bool(((got - want).abs() <= bound).all()), (got - want).abs().max()
+
+
+@pytest.mark.parametrize("bits,n,k,block", [(8, 40, 96, None), (4, 48, 96, None), (4, 64, 256, None),
+                                            (4, 40, 96, None), (4, 48, 50, None), (4, 48, 96, 32),
+                                            (4, 64, 256, 128), (4, 40, 96, 32)])
+def test_kernel_matches_dequantised_reference(bits, n, k, block):
     g = torch.Generator().manual_seed(n + k)
-    q, s = quantize(torch.randn(n, k, generator=g) * 0.02, bits)
+    q, s = quantize(torch.randn(n, k, generator=g) * 0.02, bits, block)
     bias = torch.randn(n, generator=g) * 0.1
     for shape in ((1, 1, k), (3, 7, k)):
         x = torch.randn(shape, generator=g)
-        want = reference.quantized_linear(x, q, s, bias, bits)
-        got = quant_kernels.quantized_linear(x, q, s, bias, bits)
-        atol, rtol = tolerance(torch.float32)
-        assert torch.allclose(got, want, atol=atol, rtol=rtol), (got - want).abs().max()
+        assert_within_contract(quant_kernels.quantized_linear(x, q, s, bias, bits), x, q, s, bias, bits)
+
+
+def test_block_wise_int4_is_more_accurate_than_per_row():
+    """Finer scales follow the weights' local range: on weights whose magnitude varies along
+    a row, block-wise INT4 errs markedly less than one scale per row."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 512, generator=g) * torch.linspace(0.1, 2.0, 512)
+    err = {b: (dequantize(*quantize(w, 4, b), 4) - w).pow(2).mean().sqrt() for b in (None, 32)}
+    assert err[32] < 0.6 * err[None]  # measured 0.54
 
 
 def test_repack_cached_and_invalidated():
@@ -71,8 +88,7 @@ def test_repack_cached_and_invalidated():
     quant_kernels.quantized_linear(x, q, s, None, 4)
     assert quant_kernels._prepare(q, s, 4) is first  # repacked once
     q.neg_()  # in-place change: the cached form must not be used
-    got = quant_kernels.quantized_linear(x, q, s, None, 4)
-    assert torch.allclose(got, reference.quantized_linear(x, q, s, None, 4), atol=1e-5, rtol=1e-5)
+    assert_within_contract(quant_kernels.quantized_linear(x, q, s, None, 4), x, q, s, None, 4)
 
 
 def _small(name, **kw):
@@ -92,18 +108,24 @@ def test_quantized_model_cli_and_logit_error(tmp_path, name, capsys):
         m = load_model(tmp_path / f"q{bits}", backend="cpu", strict_ops=True)
         assert "aten._weight_int8pack_mm" in m.op_report()
         ql = m(ids)
-        # the same model with the dequantised weights in fp32 (what the kernels must compute)
-        qc, qs = quantize_state(cfg, sd, bits)
+        # the same model with the dequantised weights in fp32 (what the kernels compute, up
+        # to the bf16 rounding of activations the op contract allows: measured 0.7% of the
+        # largest logit; a wrong layout or scale is off by the order of the logits). The
+        # CLI's default scheme: INT4 scales per block of 32, an INT8 output projection.
+        qc, qs = quantize_state(cfg, sd, bits, block=32 if bits == 4 else None, head_bits=8)
+        assert m.config == qc
         dc, ds = dequantize_state(qc, qs)
         native.save(tmp_path / f"dq{bits}", dc, ds)
-        assert (ql - load_model(tmp_path / f"dq{bits}", backend="cpu")(ids)).abs().max().item() < 1e-4
+        dq = load_model(tmp_path / f"dq{bits}", backend="cpu")(ids)
+        assert (ql - dq).abs().max().item() < 0.02 * dq.abs().max().item()
         err = (ql - fp32).abs().max().item() / fp32.abs().max().item()
         with capsys.disabled():
             print(f"\n{name} INT{bits}: max |logit - fp32| / max |fp32| = {err:.2e}")
         errs[bits] = err
     # Random tiny models are no accuracy benchmark (docs/families.md has the figures); the
-    # exactness check is the dequantised comparison above. Here: INT8 close, INT4 coarser.
-    assert errs[8] < 0.02 and errs[8] < errs[4] < 0.5
+    # exactness check is the dequantised comparison above. Here: INT8 close, INT4 bounded
+    # (block-wise INT4 comes close to per-row INT8 on these 64-wide rows).
+    assert errs[8] < 0.02 and errs[4] < 0.5
     assert "INT4" in capsys.readouterr().out
 
 

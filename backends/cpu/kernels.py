@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from glm_runtime.core.ops.derived import derived
+
 
 def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
@@ -49,6 +51,43 @@ def attention(q, k, v, mask, scale, mask_value=None, layer_scale=1.0):
         s = s.view(B, g, rep * T, tk)
     p = torch.softmax(s, dim=-1)
     return torch.matmul(p, v).view(B, nh, T, d)
+
+
+def _rotary_tables(cos, sin, layout: str, d: int):
+    """(partner index [d], C [B, 1, T, d], S [B, 1, T, d]) with
+    ``rotary(x) = x * C + x[..., partner] * S``: every layout of the reference is a
+    pairing of features, each rotated feature taking its pair's angle, with the sign of
+    the sine on the pair's first member; features past the rotated width pass through
+    (C = 1, S = 0)."""
+    n = cos.shape[-1]
+    rot = 2 * n
+    j = torch.arange(rot)
+    if layout == "neox":
+        partner, angle, first = (j + n) % rot, j % n, j < n
+    elif layout == "neox_2d":  # two blocks of width n, each rotate-half inside itself, half the angles each
+        h = n // 2
+        block, i = j // n, j % n
+        partner, angle, first = block * n + (i + h) % n, block * h + i % h, i < h
+    elif layout == "interleaved":
+        partner, angle, first = j ^ 1, j // 2, j % 2 == 0
+    else:
+        raise ValueError(f"unknown rotary layout {layout!r}")
+    perm = torch.cat((partner, torch.arange(rot, d)))
+    c, s = cos.float()[..., angle], sin.float()[..., angle] * torch.where(first, -1.0, 1.0)
+    B, T = c.shape[:2]
+    C = torch.cat((c, c.new_ones(B, T, d - rot)), -1).unsqueeze(1)
+    S = torch.cat((s, s.new_zeros(B, T, d - rot)), -1).unsqueeze(1)
+    return perm, C, S
+
+
+def rotary(x, cos, sin, layout):
+    """The reference's rotations as ``x * C + x[partner] * S``, three ops per call. The
+    tables are built once per forward (every layer's q and k share the ``cos`` tensor the
+    model computed; :func:`~glm_runtime.core.ops.derived.derived`), where the reference
+    slices, stacks and concatenates about twenty tensors per call."""
+    perm, C, S = derived(cos, ("cpu-rotary", layout, x.shape[-1]),
+                         lambda: _rotary_tables(cos, sin, layout, x.shape[-1]), depends=(sin,))
+    return torch.addcmul(x * C, x.index_select(-1, perm), S)
 
 
 def glu(u, activation):

@@ -43,7 +43,7 @@ class CPUBackend(Backend):
             "attention": Kernel(kernels.attention, FP32, "grouped-query matmul attention, fp32 softmax"),
             "glu": Kernel(kernels.glu, FP32, "F.silu / F.gelu(erf)"),
             "gelu_tanh": Kernel(kernels.gelu_tanh, FP32, "F.gelu(tanh)"),
-            "rotary": Kernel(reference.rotary, FP32, "reference (adopted)"),
+            "rotary": Kernel(kernels.rotary, FP32, "pair-index rotation, tables once per forward"),
             "quantized_linear": Kernel(quant_kernels.quantized_linear, FP32,
                                        "aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu"),
             "cross_entropy": Kernel(reference.cross_entropy, FP32, "reference (adopted)"),

@@ -26,7 +26,9 @@ Each function converts our layouts and dtypes to what the operator documents and
   with ``npu_convert_weight_to_int4pack`` once per weight (cached), then transposed.
   The fp16 scale is passed as is for fp16 inputs; for bf16 inputs it would have to be
   rounded to bf16 (the operator wants the scale in x's dtype), so bf16 runs with unit
-  scales and applies the fp16 scale to the output in fp32.
+  scales and applies the fp16 scale to the output in fp32. Block-wise scales go in as the
+  operator's per-group ``antiquant_scale`` (``antiquant_group_size`` = the block), in x's
+  dtype (bf16-rounded for bf16 inputs: within the op contract's rounding of 8 bits).
 """
 from __future__ import annotations
 
@@ -156,7 +158,11 @@ def quantized_linear(x, qweight, scale, bias, bits):
     N = qweight.shape[0]
     x2 = x.reshape(-1, K)
     w = qweight.t() if bits == 8 else _int4_weight(qweight)
-    if x.dtype == torch.float16:
+    if scale.dim() == 2:  # block-wise: the operator's per-group antiquant scale, (K / group, N) in x's dtype
+        y = tnpu.npu_weight_quant_batchmatmul(x2, w, scale.t().contiguous().to(x.dtype),
+                                              bias=None if bias is None else bias.to(x.dtype),
+                                              antiquant_group_size=K // scale.shape[1])
+    elif x.dtype == torch.float16:
         y = tnpu.npu_weight_quant_batchmatmul(x2, w, scale.to(torch.float16),
                                               bias=None if bias is None else bias.to(x.dtype))
     else:

@@ -15,10 +15,11 @@ import os
 import numpy as np
 import torch
 
-from glm_runtime.converters.onnx.layout import read_export
+from glm_runtime.converters.onnx.layout import is_onnx_export, read_export
 from glm_runtime.core.ops.table import strict_from_env
 from glm_runtime.core.registry import Backend, Capabilities, Check, Probe, hookimpl
 
+from . import cache as export_cache
 from .runtime import OnnxRunner, OnnxSession
 
 
@@ -56,10 +57,13 @@ class OnnxBackend(Backend):
                             extra={"runtime": "exported ONNX graph", "providers_env": "GLM_ONNX_PROVIDERS"})
 
     def load_runtime(self, path: str | os.PathLike, *, strict_ops: bool | None = None, progress: bool = False,
-                     providers: list[str] | str | None = None):
-        """An :class:`OnnxRunner` for an export directory (checked before onnxruntime sees it);
-        ``providers``: execution providers in order of preference (default ``GLM_ONNX_PROVIDERS``
-        or the CPU)."""
+                     providers: list[str] | str | None = None, cache: bool | None = None):
+        """An :class:`OnnxRunner` for an export directory (checked before onnxruntime sees
+        it), or for any checkpoint directory through its cached export (:mod:`.cache`;
+        ``cache=False`` bypasses the cache). ``providers``: execution providers in order of
+        preference (default ``GLM_ONNX_PROVIDERS`` or the CPU)."""
+        if not is_onnx_export(path):
+            path = export_cache.exported(path, progress=progress, cache=cache)
         strict = strict_from_env() if strict_ops is None else strict_ops
         return OnnxRunner(OnnxSession(read_export(path), providers, strict))
 

@@ -33,7 +33,6 @@ import torch
 
 from glm_runtime.converters.onnx import layout
 from glm_runtime.core.errors import BackendError, CheckpointError
-from glm_runtime.core.kv_cache import KVCache
 
 log = logging.getLogger("glm_runtime.backends.onnx")
 ENV_PROVIDERS = "GLM_ONNX_PROVIDERS"
@@ -122,6 +121,9 @@ class OnnxSession:
     def run(self, feeds: dict) -> list[np.ndarray]:
         return self.session.run(None, feeds)
 
+    def run_with_binding(self, binding) -> None:
+        self.session.run_with_iobinding(binding)
+
     def placement(self) -> Counter:
         """{(provider, op type): nodes executed} from one profiled run on a short prompt."""
         if self._placement is None:
@@ -164,12 +166,24 @@ class OnnxSession:
         return "\n".join(lines)
 
 
+class OrtCache:
+    """A generation's KV cache as onnxruntime holds it: each layer's present keys and values
+    (``OrtValue``s the session allocated) are bound as the next step's past, so they never
+    cross into numpy or torch between steps."""
+
+    def __init__(self, rows: int, max_len: int):
+        self.rows, self.max_len = rows, max_len
+        self.values: list | None = None  # past_key.0, past_value.0, past_key.1, ...
+        self.length = 0
+
+
 class OnnxRunner:
     """An export behind GLMModel's forward signature (see the module docstring).
 
-    ``dtype`` and ``device`` (what the generation loop allocates the KV cache with) are the
-    graph's: fp32 activations in host memory. ``ops`` is the :class:`OnnxSession`, whose
-    ``format_report`` is the op report.
+    ``dtype`` and ``device`` are the graph's: fp32 activations in host memory. ``ops`` is
+    the :class:`OnnxSession`, whose ``format_report`` is the op report. Inputs and outputs
+    are bound (onnxruntime's IOBinding): the KV cache stays in onnxruntime's memory
+    (:class:`OrtCache`) and the inputs are read where they lie.
     """
 
     dtype = torch.float32
@@ -180,26 +194,39 @@ class OnnxRunner:
         self.config = session.info.config
         tok = session.info.tokenizer
         self.tokenizer_path = None if tok is None else str(tok)
+        self._outputs = layout.output_names(self.config)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """The KV cache generation keeps between calls; fed back to the graph as past keys/values."""
-        return KVCache.for_config(self.config, batch, max_len, self.dtype, self.device)
+    def new_cache(self, rows: int, max_len: int) -> OrtCache:
+        return OrtCache(rows, max_len)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
-                 cache=None, start: int = 0, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+                 cache: OrtCache | None = None, start: int | torch.Tensor = 0,
+                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        import onnxruntime as ort  # optional dependency (the onnx extra)
+
         c = self.config
         B, T = input_ids.shape
-        if cache is None:
-            if start:
-                raise BackendError("the onnx runner needs a cache to continue at a position > 0")
-            past = layout.empty_past(c, B)
-        else:
-            past = [(cache.k[i][:, :, :start], cache.v[i][:, :, :start]) for i in range(c.num_layers)]
+        if not isinstance(start, int):
+            raise BackendError("the onnx backend decodes the rows of a batch in step (its graph appends to one "
+                               "shared past length); per-row positions need a backend that runs the GLM graph")
+        if cache is None and start:
+            raise BackendError("the onnx runner needs a cache to continue at a position > 0")
+        if cache is not None and start != cache.length:
+            raise BackendError(f"the onnx runner's cache holds {cache.length} positions, not {start}")
         if mask is None:  # GLMModel's "attend to everything"
             mask = torch.ones(B, 1, T, start + T, dtype=torch.bool)
-        out = self.ops.run(layout.feeds(c, input_ids, position_ids, mask, past, logits_index))
+        binding = self.ops.session.io_binding()
+        feeds = layout.feeds(c, input_ids, position_ids, mask, (), logits_index)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        past = cache.values if cache is not None and cache.values is not None else [
+            ort.OrtValue.ortvalue_from_numpy(t.numpy()) for kv in layout.empty_past(c, B) for t in kv]
+        for i, value in enumerate(past):
+            binding.bind_ortvalue_input(f"past_{('key', 'value')[i % 2]}.{i // 2}", value)
+        for name in self._outputs:
+            binding.bind_output(name, "cpu")
+        self.ops.run_with_binding(binding)
+        out = binding.get_outputs()
         if cache is not None:
-            for i in range(c.num_layers):
-                k, v = out[1 + 2 * i], out[2 + 2 * i]
-                cache.update(i, torch.from_numpy(k[:, :, start:]), torch.from_numpy(v[:, :, start:]), start)
-        return torch.from_numpy(out[0])
+            cache.values, cache.length = out[1:], start + T
+        return torch.from_numpy(out[0].numpy())

@@ -1,9 +1,9 @@
 """Checking an export against the PyTorch graph it was traced from.
 
 Every export is compared with :meth:`GLMModel.forward` on a fixed blank-infilling prompt
-with a left-padded row, for the prefill and for one decode step through the cache; the
-INT8 variant is measured against the fp32 graph (error and top-1 agreement, stored in the
-export's metadata).
+with a left-padded row, for the prefill and for one decode step through the cache; a
+quantized graph is measured against the unquantized model (error and top-1 agreement,
+stored in the export's metadata).
 """
 from __future__ import annotations
 
@@ -82,15 +82,16 @@ def session_runner(session, config: GLMConfig):
     return run
 
 
-def int8_error(fp32_session, int8_session, config: GLMConfig, seed: int = 0) -> dict:
-    """Logit error of the int8 graph against the fp32 one on real positions of the
-    sample prompt (prefill): max and mean |difference|, both relative to max |logit|,
+def quantization_error(session, float_model: GLMModel, config: GLMConfig, seed: int = 0) -> dict:
+    """Logit error of a quantized graph against the unquantized model on the real positions
+    of the sample prompt (prefill): max and mean |difference|, both relative to max |logit|,
     and how often the two agree on the most likely next token."""
     ids, pad = sample_prompt(config, seed)
     pos, mask, _ = prefill_inputs(config, ids, pad)
-    feed = layout.feeds(config, ids, pos, mask, layout.empty_past(config, ids.shape[0]))
-    ref = fp32_session.run(["logits"], feed)[0][pad.bool().numpy()]
-    got = int8_session.run(["logits"], feed)[0][pad.bool().numpy()]
+    with torch.inference_mode():
+        ref = float_model(ids, pos, mask)[pad.bool()].numpy()
+    got = session.run(["logits"], layout.feeds(config, ids, pos, mask, layout.empty_past(config, ids.shape[0])))[0]
+    got = got[pad.bool().numpy()]
     diff = np.abs(got - ref)
     scale = float(np.abs(ref).max())
     return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "max_abs_logit": scale,

@@ -29,18 +29,18 @@ import torch
 from torch.export import Dim
 from tqdm import tqdm
 
-from glm_runtime.core.build import reference_model
+from glm_runtime.core.build import materialize
 from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import GLMError
 from glm_runtime.core.model import GLMModel
 
 from ..detect import load_checkpoint
 from ..native import atomic_dir
-from . import layout
-from .check import CHECK_ATOL, compare_with_torch, cpu_session, int8_error, session_runner
-from .quantize import quantize_int8
+from ..quantize import dequantize_state, quantize_scheme
+from . import export_ops, layout, lowbit
+from .check import CHECK_ATOL, compare_with_torch, cpu_session, quantization_error, session_runner
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = export_ops.FUSED_OPSET
 
 
 class ExportGraph(torch.nn.Module):
@@ -98,37 +98,70 @@ def _quiet_exporter():
         lg.setLevel(level)
 
 
+def export_model(config: GLMConfig, state: dict[str, torch.Tensor], opset: int = DEFAULT_OPSET) -> GLMModel:
+    """The graph to trace, on fp32 weights: the op contract's reference ops (the definition
+    of every op), with the ops ONNX has as one operator traced as such (:mod:`.export_ops`)."""
+    ops = export_ops.op_table(opset, quantized=bool(config.quantization_bits or config.lm_head_bits))
+    return materialize(config, state, ops, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
+
+
 def export_graph(model: GLMModel, path: Path, opset: int) -> None:
-    """Trace ``model`` and write ``path`` with its weights as external data beside it."""
+    """Trace ``model`` and write ``path`` with its weights as external data beside it;
+    quantized linears become ``MatMulNBits`` computing with fp32 activations
+    (``accuracy_level`` 0: exact, what the check against PyTorch needs)."""
     config = model.config
     try:
         with _quiet_exporter():
             program = torch.onnx.export(ExportGraph(model).eval(), _example(config), dynamo=True,
                                         dynamic_shapes=_dynamic_shapes(config), opset_version=opset,
                                         input_names=layout.input_names(config),
-                                        output_names=layout.output_names(config), optimize=True, verbose=False)
+                                        output_names=layout.output_names(config), optimize=True, verbose=False,
+                                        custom_translation_table=export_ops.translation_table(opset))
     except Exception as e:  # noqa: BLE001 - the exporter raises many types; name the stage
         raise GLMError(f"torch.onnx.export failed for family {config.family}: {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}") from e
-    program.save(str(path), external_data=True)
-    if not (path.parent / layout.DATA).is_file():  # the layout promises this name
+    proto = program.model_proto
+    if config.quantization_bits or config.lm_head_bits:
+        lowbit.lower(proto, accuracy_level=0)
+    save_graph(proto, path)
+
+
+def save_graph(proto, path: Path) -> None:
+    """Write ``proto`` to ``path`` with every weight in the one external data file the
+    layout names (replacing any there: onnx appends to an existing data file)."""
+    import onnx  # optional dependency (the onnx extra), as below
+
+    data = path.parent / layout.DATA
+    data.unlink(missing_ok=True)
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=layout.DATA)
+    if not data.is_file():  # the layout promises this name
         raise GLMError(f"the exporter did not write {layout.DATA} beside {path.name}", path.parent)
 
 
 # ----------------------------------------------------------------- the entry
+QUANTIZE = {"int8": 8, "int4": 4}
+
+
 def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
            quantize: str | None = None, tokenizer: str | os.PathLike | None = None, overwrite: bool = False,
            progress: bool = True) -> dict:
     """Write the export directory ``out`` atomically; returns a report dict with the
-    measured error against PyTorch (and, for ``quantize='int8'``, against fp32)."""
+    measured error against PyTorch, and for a quantized graph its logit error against the
+    unquantized model (``quantize`` quantizes ``state`` first, with ``glmrt quantize``'s
+    default scheme).
+
+    A quantized graph is checked twice: with fp32 activations it must reproduce PyTorch's
+    quantized model within :data:`~.check.CHECK_ATOL` (the lowering is exact); it is saved
+    with int8 activations (:data:`~.lowbit.ACCURACY_LEVEL`), whose error is measured.
+    """
     if opset < layout.MIN_OPSET:
         raise GLMError(f"opset {opset} is too old: the export needs >= {layout.MIN_OPSET}")
-    if quantize not in (None, "int8"):
-        raise GLMError(f"unknown quantization {quantize!r} (supported: int8)")
-    stages = ["build the reference model", "export the graph", "check against PyTorch"]
-    if quantize:
-        stages += ["quantize to int8", "measure int8 error"]
-    stages.append("write metadata")
+    if quantize not in (None, *QUANTIZE):
+        raise GLMError(f"unknown quantization {quantize!r} (supported: {', '.join(QUANTIZE)})")
+    if quantize and config.quantization_bits:
+        raise GLMError(f"the checkpoint is already quantized to INT{config.quantization_bits}")
+    stages = ["build the reference model", "export the graph", "check against PyTorch", "write metadata"]
     report: dict = {"family": config.family, "opset": opset}
     bar = tqdm(total=len(stages), desc="export-onnx", unit="step", disable=not progress)
     step = iter(stages)
@@ -139,39 +172,33 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
     with atomic_dir(out, overwrite) as tmp, bar:
         tmp = Path(tmp)
         next_stage()
-        model = reference_model(config, state)
+        float_model = None
+        if quantize:
+            float_model = export_model(config, state, opset)
+            config, state = quantize_scheme(config, state, QUANTIZE[quantize])
+        model = export_model(config, state, opset)
+        if (config.quantization_bits or config.lm_head_bits) and float_model is None:
+            float_model = export_model(*dequantize_state(config, state), opset)
         bar.update()
         next_stage()
         graph = tmp / layout.GRAPH
         export_graph(model, graph, opset)
         bar.update()
         next_stage()
-        session = cpu_session(graph)
-        err = compare_with_torch(model, session_runner(session, config))
+        err = compare_with_torch(model, session_runner(cpu_session(graph), config))
         if not err <= CHECK_ATOL:
             raise GLMError(f"the exported graph disagrees with PyTorch: max |logits difference| {err:.3g} > "
                            f"{CHECK_ATOL} (an exporter problem; the export was not written)")
         report["max_abs_error_vs_torch"] = err
-        bar.update()
-        precision = "fp32"
-        if quantize:
-            next_stage()
-            qdir = tmp / "int8"
-            quantize_int8(graph, qdir)
-            bar.update()
-            next_stage()
-            report["int8"] = int8_error(session, cpu_session(qdir / layout.GRAPH), config)
-            del session
-            for f in (layout.GRAPH, layout.DATA):
-                (tmp / f).unlink()
-                (qdir / f).rename(tmp / f)
-            qdir.rmdir()
-            precision = "int8-dynamic"
-            bar.update()
-        next_stage()
         extra = {"export_max_abs_error_vs_torch": f"{err:.3g}"}
-        if "int8" in report:
-            extra["int8_error_vs_fp32"] = report["int8"]
+        precision = "fp32"
+        if float_model is not None:
+            set_accuracy_level(graph, lowbit.ACCURACY_LEVEL)
+            report["quantized"] = quantization_error(cpu_session(graph), float_model, config)
+            extra["quantized_error_vs_fp32"] = report["quantized"]
+            precision = f"int{config.quantization_bits}" if config.quantization_bits else "fp32 (INT8 head)"
+        bar.update()
+        next_stage()
         write_metadata(graph, layout.metadata(config, precision, extra))
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / layout.TOKENIZER)
@@ -180,6 +207,21 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
     report["precision"] = precision
     report["files"] = {f.name: f.stat().st_size for f in sorted(Path(out).iterdir())}
     return report
+
+
+def set_accuracy_level(graph: Path, level: int) -> None:
+    """Set ``accuracy_level`` on every ``MatMulNBits`` of the graph file (weights untouched)."""
+    import onnx  # optional dependency (the onnx extra)
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    tmp = graph.with_suffix(".onnx.tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(graph)
 
 
 def write_metadata(graph: Path, meta: dict[str, str]) -> None:

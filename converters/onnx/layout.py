@@ -88,7 +88,7 @@ class ConcatCache:
         self.past = past
         self.present: list = [None] * len(past)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, kv_len: int):
         pk, pv = self.past[layer]
         k, v = torch.cat((pk, k), 2), torch.cat((pv, v), 2)
         self.present[layer] = (k, v)

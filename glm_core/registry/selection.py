@@ -134,21 +134,34 @@ def resolve_backend_name(explicit: str | None = None, config_value: str | None =
     return "auto"
 
 
-def get_backend(name: str | None = None, config_value: str | None = None) -> Backend:
+def get_backend(name: str | None = None, config_value: str | None = None, needs_graph: bool = False) -> Backend:
     """The backend to use, following the precedence; errors say what is installed and why
-    each unavailable backend is unavailable."""
+    each unavailable backend is unavailable.
+
+    ``needs_graph``: the caller needs a backend that runs the GLM graph on its kernels
+    (tensor/pipeline parallelism, training, batched serving), so ``auto`` passes over
+    backends that run a graph of their own (:attr:`Backend.runs_own_graph`) and naming one
+    is an error.
+    """
     name = resolve_backend_name(name, config_value).lower()
     found = discover()
     if name == "auto":
-        ranking = available_backends()
+        ranking = [d for d in available_backends() if not (needs_graph and d.backend.runs_own_graph)]
         for d in sorted(found.values(), key=lambda d: (-d.available, -d.probe.score)):
-            log.info("auto: %-6s score %3d  %s", d.name, d.probe.score if d.available else -1, d.probe.reason)
+            skip = " (runs its own graph: not for this use)" if needs_graph and d.backend is not None and \
+                d.backend.runs_own_graph else ""
+            log.info("auto: %-6s score %3d  %s%s", d.name, d.probe.score if d.available else -1, d.probe.reason,
+                     skip)
         if not ranking:
             raise BackendError(f"no backend available: {_describe_all()}")
+        log.info("auto: chose %s", ranking[0].name)
         return ranking[0].backend
     for d in found.values():
         if d.name == name or (d.backend is not None and name in d.backend.aliases):
             if not d.available:
                 raise BackendError(f"backend {name!r} is unavailable: {d.probe.reason}")
+            if needs_graph and d.backend.runs_own_graph:
+                raise BackendError(f"backend {name!r} runs exported graphs of its own; this needs a backend that runs "
+                                   f"the GLM graph (tensor/pipeline parallelism, training, batched serving), e.g. cpu")
             return d.backend
     raise BackendError(f"unknown backend {name!r}; installed: {_describe_all()}")

@@ -5,28 +5,29 @@ from glm_runtime.converters.onnx.export import DEFAULT_OPSET, export_checkpoint
 
 NAME = "export-onnx"
 HELP = ("export a checkpoint to ONNX (one graph for prefill and decode, KV cache as inputs/outputs), "
-        "checked against PyTorch; optionally int8")
+        "checked against PyTorch; quantized linears run as onnxruntime's MatMulNBits")
 EXAMPLE = "glmrt export-onnx ./chatglm2-native ./chatglm2-onnx   # then: glmrt generate ./chatglm2-onnx --backend onnx"
 
 
 def add_arguments(p):
     p.add_argument("model", help="checkpoint directory (native or any supported format)")
     p.add_argument("out", help="output directory (written atomically)")
-    p.add_argument("--int8", action="store_true", help="quantize the graph's matmuls to int8 (onnxruntime dynamic "
-                   "quantization) and report the error against fp32")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantize first, with glmrt quantize's default scheme, and report the logit error against "
+                        "the unquantized model; a quantized checkpoint exports as it is")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; at least 17)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 def run(args) -> int:
     r = export_checkpoint(args.model, args.out, opset=args.opset or DEFAULT_OPSET,
-                          quantize="int8" if args.int8 else None, overwrite=args.force, progress=True)
+                          quantize=args.quantize, overwrite=args.force, progress=True)
     size = sum(r["files"].values())
     print(f"{args.model} -> {args.out}: {r['family']}, opset {r['opset']}, {r['precision']}, "
           f"{size / 2**20:.1f} MiB; fp32 graph vs PyTorch max |logits diff| {r['max_abs_error_vs_torch']:.2g}")
-    if "int8" in r:
-        q = r["int8"]
-        print(f"int8 vs fp32 over {q['positions']} positions: max |diff| {q['max_abs']:.3g} "
+    if "quantized" in r:
+        q = r["quantized"]
+        print(f"{r['precision']} vs fp32 over {q['positions']} positions: max |diff| {q['max_abs']:.3g} "
               f"({100 * q['max_rel']:.2f}% of max |logit| {q['max_abs_logit']:.3g}), mean |diff| "
               f"{q['mean_abs']:.3g}, top-1 agreement {100 * q['top1_agreement']:.1f}%")
     return 0

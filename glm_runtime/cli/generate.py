@@ -45,7 +45,7 @@ def add_arguments(p):
 def run(args) -> int:
     run_cfg = read_run_config(args.config)
     model_dir = args.model or run_cfg.get("model") or default_model()
-    b = get_backend(args.backend, run_cfg.get("backend"))
+    b = get_backend(args.backend, run_cfg.get("backend"), needs_graph=args.tp * args.pp > 1)
     m = load_model(model_dir, backend=b, strict_ops=args.strict_ops, tp=args.tp, pp=args.pp)
     if getattr(m, "topo", None) is not None and m.topo.rank != 0:  # every rank decodes; rank 0 prints
         sys.stdout = open(os.devnull, "w")

@@ -49,7 +49,7 @@ def run(args) -> int:
             cfg.setdefault("data", {})[key] = val
     if "run_dir" not in cfg or "steps" not in cfg:
         raise GLMError("give a training config, or at least --run-dir and --steps")
-    backend = get_backend(args.backend, cfg.get("backend"))
+    backend = get_backend(args.backend, cfg.get("backend"), needs_graph=True)
     trainer, ctx = prepare(cfg, backend, progress=not args.no_progress)
     records = trainer.fit()
     outs = finish(trainer, ctx)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from glm_runtime.converters import native
-from glm_runtime.converters.quantize import quantize_state
+from glm_runtime.converters.quantize import SCHEMES, quantize_scheme
 from glm_runtime.core.build import build_model
 from glm_runtime.core.registry import get_backend
 from glm_runtime.core.tokenizer import Tokenizer
@@ -50,23 +50,25 @@ def perplexities(model, stream: TokenStream, ids: SpecialIds, objective: Objecti
     return {"tokens": n, "ppl": math.exp(nll / n), "unigram_ppl": math.exp(uni / n)}
 
 
-def evaluate_model_dir(model_dir: str | Path, shards: str | Path, bits=(None,), seq_len: int = 128,
+def evaluate_model_dir(model_dir: str | Path, shards: str | Path, variants=((None, None),), seq_len: int = 128,
                        rows: int = 64, backend: str = "cpu") -> list[dict]:
+    """Perplexities of the model and of its quantized ``variants``: (bits, scheme) pairs,
+    (None, None) the unquantized model (:func:`~glm_runtime.converters.quantize.quantize_scheme`)."""
 
     config, state = native.load(model_dir)
     tok = Tokenizer(Path(model_dir) / native.TOKENIZER, config)
     ids = SpecialIds.from_tokenizer(tok)
     held = TokenStream.open(shards, "heldout")
     uni = unigram_logprobs(TokenStream.open(shards, "train"), config.vocab_size)
-    b = get_backend(backend)
+    b = get_backend(backend, needs_graph=True)
     out = []
-    for q in bits:
-        cfg, st = (config, state) if q is None else quantize_state(config, state, q)
+    for bits, scheme in variants:
+        cfg, st = (config, state) if bits is None else quantize_scheme(config, state, bits, scheme)
         model = build_model(cfg, st, b)
         for name, obj in (("gmask", ObjectiveConfig(mask_share=0.0)),
                           ("mask", ObjectiveConfig(mask_share=1.0, pack=2))):
             r = perplexities(model, held, ids, obj, seq_len, rows, uni)
-            out.append({"weights": "fp32" if q is None else f"int{q}", "objective": name, **r})
+            out.append({"weights": "fp32" if bits is None else f"int{bits} {scheme}", "objective": name, **r})
     return out
 
 
@@ -74,11 +76,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("--shards", required=True, help="the run's shards directory (train + heldout splits)")
-    ap.add_argument("--bits", nargs="*", type=int, default=[8, 4], help="also evaluate these quantizations")
+    ap.add_argument("--bits", nargs="*", type=int, default=[8, 4], help="also evaluate these quantizations, in "
+                    "every scheme of glmrt quantize")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rows", type=int, default=64)
     a = ap.parse_args(argv)
-    res = evaluate_model_dir(a.model_dir, a.shards, [None, *a.bits], a.seq_len, a.rows)
+    variants = [(None, None)] + [(b, s) for b in a.bits for s in SCHEMES]
+    res = evaluate_model_dir(a.model_dir, a.shards, variants, a.seq_len, a.rows)
     print("| weights | objective | target tokens | model perplexity | unigram perplexity |")
     print("|---|---|---|---|---|")
     for r in res:

@@ -30,14 +30,17 @@ def lm_head(x, weight):
 
 
 def quantized_linear(x, qweight, scale, bias, bits):
-    """GLM-130B packing: int8 [out, in], or two int4 per byte with the even input in the high nibble."""
+    """GLM-130B packing: int8 [out, in], or two int4 per byte with the even input in the high
+    nibble; ``scale`` [out] per row, or [out, in / block] block-wise."""
     if bits == 4:
         hi = qweight >> 4
         lo = (qweight << 4) >> 4
         q = torch.stack((hi, lo), dim=-1).flatten(-2)
     else:
         q = qweight
-    return linear(x, q.to(x.dtype) * scale.to(x.dtype)[:, None], bias)
+    n, k = q.shape
+    s = scale.to(x.dtype).view(n, -1, 1)  # [out, blocks, 1]; one block per row when per row
+    return linear(x, (q.to(x.dtype).view(n, s.shape[1], -1) * s).view(n, k), bias)
 
 
 def layer_norm(x, weight, bias, eps):
