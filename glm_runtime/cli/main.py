@@ -26,6 +26,9 @@ COMMANDS = [
     "glm_runtime.cli.train",
     "glm_runtime.cli.plot",
     "glm_runtime.cli.export_onnx",
+    "glm_runtime.cli.cache",
+    "glm_runtime.cli.serve",
+    "glm_runtime.cli.chat",
     "glm_runtime.cli.launch",
 ]
 
