@@ -5,6 +5,8 @@ from glm_runtime.converters import native
 from glm_runtime.converters.detect import load_checkpoint
 from glm_runtime.converters.quantize import quantize_state
 
+from .common import show_progress
+
 NAME = "quantize"
 HELP = "quantize a checkpoint's linear layers to INT8 or INT4 (GLM-130B scheme) and save it as native"
 EXAMPLE = "glmrt quantize ./chatglm-6b ./chatglm-6b-int4 --bits 4"
@@ -16,11 +18,14 @@ def add_arguments(p):
     p.add_argument("--bits", type=int, choices=(8, 4), required=True, help="8 or 4")
     p.add_argument("--sat-args", default=None, help="for a SAT source: its model arguments or a preset name")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/inf check of the source weights")
 
 
 def run(args) -> int:
-    fmt, config, state, tok = load_checkpoint(args.src, progress=True, sat_args=args.sat_args)
-    qconfig, qstate = quantize_state(config, state, args.bits, progress=True)
+    native.refuse_overlap(args.dst, [args.src])
+    fmt, config, state, tok = load_checkpoint(args.src, progress=show_progress(), sat_args=args.sat_args,
+                                              check_finite=not args.no_check_weights)
+    qconfig, qstate = quantize_state(config, state, args.bits, progress=show_progress())
     native.save(args.dst, qconfig, qstate, tokenizer=tok, overwrite=args.force)
     size = sum(t.numel() * t.element_size() for t in qstate.values())
     print(f"{args.src} ({fmt}) -> {args.dst}: {config.family} INT{args.bits}, {size / 2**20:.1f} MiB")
