@@ -12,22 +12,26 @@ import json
 import os
 from pathlib import Path
 
+from glm_runtime.core.files import writing
+
 LOG = "train.jsonl"
 
 
 class RunLog:
     def __init__(self, run_dir: str | os.PathLike, resume_step: int):
         self.path = Path(run_dir) / LOG
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_log(self.path) if r["step"] <= resume_step] if resume_step else []
         tmp = self.path.with_name(LOG + ".part")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-        self._f = open(self.path, "a")
+        with writing(self.path, "training log"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+            self._f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        with writing(self.path, "training log"):
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
         self._f.close()
