@@ -55,8 +55,8 @@ def read_json(path: str | os.PathLike, what: str = "config", limit: int = MAX_CO
     text = read_text(path, what, limit)
     try:
         return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GLMError(f"{what} file is not valid JSON ({e})", path) from None
+    except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
+        raise GLMError(f"{what} file is not valid JSON ({str(e)[:200]})", path) from None
     except RecursionError:
         raise GLMError(f"{what} file is nested too deeply to be a {what}", path) from None
 

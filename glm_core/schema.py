@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import reprlib
 from dataclasses import MISSING, dataclass
 
 from .errors import GLMError
@@ -72,9 +73,7 @@ class Rule:
         """``value`` in its normal form (an int given for a float becomes a float; a single
         integer given for ``ids`` becomes a one-element list), or a one-line GLMError."""
         def bad():
-            shown = repr(value)
-            shown = shown if len(shown) <= 60 else shown[:57] + "..."
-            raise GLMError(f"{what + ': ' if what else ''}{name}={shown}: expected {self.expected()}", source)
+            raise GLMError(f"{what + ': ' if what else ''}{name}={shown(value)}: expected {self.expected()}", source)
 
         if value is None:
             if not self.optional:
@@ -111,6 +110,17 @@ class Rule:
         if not math.isfinite(v) or not self._in_range(v):
             bad()
         return v
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 2, 60, 60, 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 4
+
+
+def shown(value) -> str:
+    """A user's value as a message quotes it: bounded, whatever its size or nesting (a YAML
+    alias bomb's repr would never finish)."""
+    return _SHOWN.repr(value)
 
 
 def _is_int(v) -> bool:
@@ -175,10 +185,10 @@ def from_mapping(cls, d, what: str, source=None):
         raise GLMError(f"{what} must be a mapping of names to values, got {type(d).__name__}", source)
     fields = dataclasses.fields(cls)
     names = [f.name for f in fields]
-    unknown = sorted(str(k) for k in d if k not in names)
+    unknown = sorted(str(k)[:60] for k in d if k not in names)
     if unknown:
         near = difflib.get_close_matches(unknown[0], names, n=1)
-        raise GLMError(f"unknown {what} field(s): {', '.join(unknown)}"
+        raise GLMError(f"unknown {what} field(s): {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
                        f"{f' (did you mean {near[0]}?)' if near else ''}", source)
     missing = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING and f.name not in d]
     if missing:

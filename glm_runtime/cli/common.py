@@ -36,8 +36,8 @@ def read_config_file(path: str | Path, what: str = "config"):
     if f.suffix == ".json":
         try:
             return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GLMError(f"{what} file is not valid JSON ({e})", f) from None
+        except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
+            raise GLMError(f"{what} file is not valid JSON ({str(e)[:200]})", f) from None
         except RecursionError:
             raise GLMError(f"{what} file is nested too deeply to be a {what}", f) from None
     try:
@@ -48,6 +48,8 @@ def read_config_file(path: str | Path, what: str = "config"):
         return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise GLMError(f"{what} file is not valid YAML ({str(e).splitlines()[0]})", f) from None
+    except ValueError as e:  # a value YAML cannot build (an integer beyond Python's digit limit)
+        raise GLMError(f"{what} file is not a {what}: {str(e)[:200]}", f) from None
     except RecursionError:
         raise GLMError(f"{what} file is nested too deeply to be a {what}", f) from None
 
