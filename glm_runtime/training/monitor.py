@@ -38,14 +38,17 @@ class RunLog:
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """Records of a run log; a torn last line (process killed mid-write) is ignored."""
+    """Records of a run log; a torn last line (process killed mid-write), or any line that
+    is not a step's record, is ignored."""
     p = Path(path)
     if not p.is_file():
         return []
     out = []
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
     return out

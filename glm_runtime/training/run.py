@@ -43,6 +43,7 @@ from glm_runtime.core.schema import (
     integer,
     one_of,
     rule_of,
+    shown,
     spec,
 )
 from glm_runtime.core.tokenizer import Tokenizer
@@ -103,14 +104,14 @@ class TrainingConfig:
     def __post_init__(self):
         check_fields(self, "training config")
         if not isinstance(self.model, dict):
-            raise GLMError(f"training config: model={self.model!r}: expected a mapping (preset: NAME and GLMConfig "
-                           "fields)")
+            raise GLMError(f"training config: model={shown(self.model)}: expected a mapping (preset: NAME and "
+                           "GLMConfig fields)")
         fields = {f.name for f in dataclasses.fields(GLMConfig)}
         for key, value in self.model.items():  # each field now; how they fit together once the vocabulary is known
             if key == "preset":
                 one_of(*PRESETS).check("preset", value, what="model")
             elif key not in fields:
-                raise GLMError(f"unknown model field {key!r} (a preset name or a GLMConfig field)")
+                raise GLMError(f"unknown model field {shown(key)} (a preset name or a GLMConfig field)")
             else:
                 rule_of(GLMConfig, key).check(key, value, what="model")
         for name, cls in (("data", DataConfig), ("objective", ObjectiveConfig), ("optim", OptimConfig),
@@ -176,6 +177,9 @@ def prepare(cfg: dict, backend, progress: bool = True) -> tuple[Trainer, dict]:
     tok = Tokenizer(tok_file)
     shards = run_dir / "shards"
     config = model_config(cfg.model, tok)
+    if d.seq_len > config.max_position_embeddings:
+        raise GLMError(f"data: seq_len={d.seq_len} exceeds the model's max_position_embeddings="
+                       f"{config.max_position_embeddings}")
 
     dtype = PRECISIONS[cfg.precision]
     if dtype not in backend.capabilities().compute_dtypes:
