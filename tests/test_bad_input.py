@@ -135,6 +135,11 @@ CLI = [
      ["run config file is a directory"]),
     ("run config too large", lambda w, t: ["generate", w.native, "--ids", "1", "--config",
                                              run_config(t, "#" * (5 << 20))], 2, ["run.yaml", "larger than 4 MiB"]),
+    ("run config integer beyond the digit limit", lambda w, t: ["generate", w.native, "--ids", "1", "--config",
+                                                                  run_config(t, "backend: 1" + "0" * 5000)], 2,
+     ["run.yaml", "not a run config"]),
+    ("run config alias bomb", lambda w, t: ["generate", w.native, "--ids", "1", "--config", run_config(t, BOMB)], 2,
+     ["run.yaml", "backend=[[", "expected a string"]),
     ("config.json is a directory", lambda w, t: ["generate", config_dir(w, t, Path.mkdir), "--ids", "1"], 2,
      ["config.json", "is a directory"]),
     ("config.json not UTF-8", lambda w, t: ["generate", config_dir(w, t, lambda f: f.write_bytes(b"{\xff\xfe}")),
@@ -218,6 +223,8 @@ CLI = [
                                                  str(2**70)], 2, [f"seed={2**70}"]),
     ("train run dir under a file", lambda w, t: ["train", train_config(t, run_dir=str(_file(t) / "run"))], 2,
      ["a-file/run", "Not a directory"]),
+    ("plot a log that is not a training log", lambda w, t: ["plot-run", _foreign_log(t)], 2,
+     ["train.jsonl", "no number for lr"]),
     # ------------------------------------------------------------------ launch
     ("launch missing command", lambda w, t: ["launch", "-n", "2", "--", "no-such-command-xyz"], 2,
      ["glmrt launch: error:", "no-such-command-xyz", "not found"]),
@@ -228,6 +235,17 @@ CLI = [
                                                          run_config(t, "backend: [cpu]\n"), "--", "true"], 2,
      ["glmrt launch: error:", "backend=['cpu']"]),
 ]
+
+
+# 9**9 leaves behind nine shared lists: cheap to parse, endless to print in full
+BOMB = "backend: [&a [x, x, x, x, x, x, x, x, x], " + ", ".join(
+    f"&{n} [{', '.join(['*' + p] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")) + "]\n"
+
+
+def _foreign_log(tmp) -> Path:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "train.jsonl").write_text('{"step": 1}\n[1, 2]\nnot json\n')
+    return tmp / "run"
 
 
 def _truncated(w, tmp) -> Path:
@@ -337,7 +355,7 @@ def test_the_table_covers_every_command(w, tmp_path):
     for i, case in enumerate(CLI):
         (tmp_path / str(i)).mkdir()
         commands.add(str(case[1](w, tmp_path / str(i))[0]))
-    assert commands == {"generate", "convert", "quantize", "export-onnx", "train", "launch"}
+    assert commands == {"generate", "convert", "quantize", "export-onnx", "train", "plot-run", "launch"}
     assert len(CLI) + len(API) >= 40
 
 
