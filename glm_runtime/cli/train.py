@@ -17,7 +17,7 @@ from glm_runtime.core.files import exclusive_lock, writing
 from glm_runtime.core.registry import get_backend
 from glm_runtime.parallel.launchenv import discover
 from glm_runtime.training import checkpoint
-from glm_runtime.training.run import finish, parse, prepare
+from glm_runtime.training.run import check_inputs, finish, parse, prepare
 
 from .common import read_config_file
 
@@ -68,7 +68,9 @@ def run(args) -> int:
             cfg["data"][key] = val
     if "run_dir" not in cfg or "steps" not in cfg:
         raise GLMError("give a training config, or at least --run-dir and --steps")
-    run_dir = Path(parse(cfg, args.train_config).run_dir)
+    parsed = parse(cfg, args.train_config)
+    check_inputs(parsed)  # before the run directory is made: a bad input leaves nothing behind
+    run_dir = Path(parsed.run_dir)
     backend = get_backend(args.backend, cfg.get("backend"))
     with contextlib.ExitStack() as held:
         if discover(use_mpi=False).rank == 0:  # one lock for the job: its first rank holds it

@@ -62,6 +62,8 @@ def split_documents(docs: list[str], every: int) -> tuple[list[str], list[str]]:
 
 def corpus_files(corpus: str | os.PathLike) -> list[Path]:
     p = Path(corpus)
+    if not p.exists():
+        raise GLMError("corpus not found", p)
     files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
     if not files:
         raise GLMError("no *.txt corpus files", p)

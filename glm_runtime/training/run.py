@@ -151,6 +151,19 @@ def _topology(cfg: TrainingConfig, backend):
     return get_topology(cfg.tp, cfg.pp, None, backend)
 
 
+def check_inputs(cfg: TrainingConfig) -> tuple[list[Path], Path]:
+    """(corpus files, tokenizer file) of a run, refused before anything is written when the
+    corpus or a given tokenizer is missing, or the export would overlap an input."""
+    run_dir = Path(cfg.run_dir)
+    files = data.corpus_files(cfg.data.corpus)
+    tok_file = Path(cfg.data.tokenizer) if cfg.data.tokenizer else run_dir / "tokenizer.model"
+    if cfg.data.tokenizer and not tok_file.is_file():
+        raise GLMError("tokenizer model not found", tok_file)
+    if cfg.export:  # refused now, not after the training: finish() replaces the export directory
+        native.refuse_overlap(cfg.export, [run_dir, cfg.data.corpus, tok_file])
+    return files, tok_file
+
+
 def prepare(cfg: dict, backend, progress: bool = True) -> tuple[Trainer, dict]:
     """Build everything a run needs; returns the trainer and a context for ``finish``."""
     cfg = parse(cfg)
@@ -160,16 +173,11 @@ def prepare(cfg: dict, backend, progress: bool = True) -> tuple[Trainer, dict]:
     topo = _topology(cfg, backend)
     first = topo is None or topo.rank == 0
     d = cfg.data
-    files = data.corpus_files(d.corpus)
-    tok_file = Path(d.tokenizer) if d.tokenizer else run_dir / "tokenizer.model"
-    if cfg.export:  # refused now, not after the training: finish() replaces the export directory
-        native.refuse_overlap(cfg.export, [run_dir, d.corpus, tok_file])
+    files, tok_file = check_inputs(cfg)
     if first:  # one rank makes the tokenizer and the shards; the others wait and read them
         with writing(run_dir, "run directory"):
             run_dir.mkdir(parents=True, exist_ok=True)
         if not tok_file.is_file():
-            if d.tokenizer:
-                raise GLMError("tokenizer model not found", tok_file)
             data.train_tokenizer(files, run_dir / "tokenizer", d.vocab_size, d.heldout_every)
         data.build_shards(files, Tokenizer(tok_file), run_dir / "shards", d.heldout_every, progress=progress)
     if topo is not None:
