@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import MISSING
 from pathlib import Path
 
 import torch
@@ -37,9 +38,10 @@ from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import CheckpointError
 from glm_runtime.core.presets import PRESETS
 from glm_runtime.core.quant import LINEARS as QUANT_LINEARS
+from glm_runtime.core.schema import FLAG, Rule, number, rule_of
 
 from .native import atomic_dir
-from .tensor_io import read_config_json, read_state_dict
+from .tensor_io import config_value, glm_config, read_config_json, read_state_dict
 
 log = logging.getLogger("glm_runtime.converters.chatglm")
 
@@ -65,20 +67,23 @@ def generation(hf: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- configs
+def _get(hf: dict, key: str, field: str, source, default=MISSING):
+    """``hf[key]`` checked by the rule of the GLMConfig field it becomes (see config_value)."""
+    return config_value(hf, key, rule_of(GLMConfig, field), source, default)
+
+
+_ANY_ID, _ANY_IDS = Rule("int", optional=True), Rule("ids")  # ids outside the vocabulary are dropped
+
+
 def _quant_bits(hf: dict, source) -> int | None:
     bits = hf.get("quantization_bit") or None
-    if bits not in (None, 4, 8):
+    if bits not in (None, 4, 8) or isinstance(bits, bool):
         raise CheckpointError(f"quantization_bit={bits!r} is not supported (4 or 8)", source)
     return bits
 
 
 def config_from_chatglm(hf: dict, source) -> GLMConfig:
-    try:
-        return _config_v1(hf, source) if generation(hf) == "v1" else _config_v2(hf, source)
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks field {e.args[0]!r}", source) from None
-    except TypeError as e:
-        raise CheckpointError(f"bad config.json: {e}", source) from None
+    return _config_v1(hf, source) if generation(hf) == "v1" else _config_v2(hf, source)
 
 
 def _config_v1(hf: dict, source) -> GLMConfig:
@@ -87,20 +92,22 @@ def _config_v1(hf: dict, source) -> GLMConfig:
                               "uses it", source)
     if hf.get("pre_seq_len"):
         raise CheckpointError("P-tuning v2 prefixes (pre_seq_len) are not supported", source)
-    h, nh = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("kv_channels") or h // nh  # kv_channels: our extension, see config_to_chatglm
-    mask = hf["mask_token_id"]
+    h, nh = _get(hf, "hidden_size", "hidden_size", source), _get(hf, "num_attention_heads", "num_heads", source)
+    head_dim = _get(hf, "kv_channels", "head_dim", source, None) or h // nh  # our extension, see config_to_chatglm
+    mask = _get(hf, "mask_token_id", "mask_token_id", source)
+    eos = _get(hf, "eos_token_id", "eop_token_id", source)
     d = dict(PRESETS["chatglm-6b"])
-    d.update(vocab_size=hf["vocab_size"], hidden_size=h, num_layers=hf["num_layers"], num_heads=nh,
+    d.update(vocab_size=_get(hf, "vocab_size", "vocab_size", source), hidden_size=h,
+             num_layers=_get(hf, "num_layers", "num_layers", source), num_heads=nh,
              num_kv_heads=nh, head_dim=head_dim, rope_dim=head_dim,
-             ffn_hidden_size=hf.get("inner_hidden_size") or 4 * h,
-             max_position_embeddings=hf.get("max_sequence_length", 2048),
-             norm_eps=hf.get("layernorm_epsilon", 1e-5), deepnorm_layers=28, rope_fp16=True,
+             ffn_hidden_size=_get(hf, "inner_hidden_size", "ffn_hidden_size", source, None) or 4 * h,
+             max_position_embeddings=_get(hf, "max_sequence_length", "max_position_embeddings", source, 2048),
+             norm_eps=_get(hf, "layernorm_epsilon", "norm_eps", source, 1e-5), deepnorm_layers=28, rope_fp16=True,
              torch_dtype=str(hf.get("torch_dtype") or "float16"), quantization_bits=_quant_bits(hf, source),
-             mask_token_id=mask, gmask_token_id=hf["gmask_token_id"], smask_token_id=mask + 2,
-             sop_token_id=hf["bos_token_id"], eop_token_id=hf["eos_token_id"],
-             eos_token_ids=[hf["eos_token_id"]], pad_token_id=hf.get("pad_token_id"))
-    return GLMConfig(**d)
+             mask_token_id=mask, gmask_token_id=_get(hf, "gmask_token_id", "gmask_token_id", source),
+             smask_token_id=mask + 2, sop_token_id=_get(hf, "bos_token_id", "sop_token_id", source),
+             eop_token_id=eos, eos_token_ids=[eos], pad_token_id=_get(hf, "pad_token_id", "pad_token_id", source, None))
+    return glm_config(source, **d)
 
 
 def _v2_family(hf: dict, vocab: int) -> str:
@@ -121,31 +128,35 @@ def _config_v2(hf: dict, source) -> GLMConfig:
                                   source)
     if hf.get("pre_seq_len"):
         raise CheckpointError("P-tuning v2 prefixes (pre_seq_len) are not supported", source)
-    vocab = hf.get("padded_vocab_size") or hf["vocab_size"]
-    nh = hf["num_attention_heads"]
-    head_dim = hf.get("kv_channels") or hf["hidden_size"] // nh
-    kv = hf.get("multi_query_group_num", nh) if hf.get("multi_query_attention") else nh
+    vocab = _get(hf, "padded_vocab_size", "vocab_size", source, None) or _get(hf, "vocab_size", "vocab_size", source)
+    nh, hidden = _get(hf, "num_attention_heads", "num_heads", source), _get(hf, "hidden_size", "hidden_size", source)
+    head_dim = _get(hf, "kv_channels", "head_dim", source, None) or hidden // nh
+    multi_query = config_value(hf, "multi_query_attention", FLAG, source, False)
+    kv = _get(hf, "multi_query_group_num", "num_kv_heads", source, nh) if multi_query else nh
     family = _v2_family(hf, vocab)
     preset = {"glm-4-9b": "glm-4-9b", "chatglm3-6b": "chatglm3-6b"}.get(family, "chatglm2-6b")
     d = dict(PRESETS[preset])
-    bias_linear = bool(hf.get("add_bias_linear", False))
-    eos = hf.get("eos_token_id", d["eos_token_ids"])
-    eos = [eos] if isinstance(eos, int) else list(eos)
-    pad = hf.get("pad_token_id")
+    bias_linear = config_value(hf, "add_bias_linear", FLAG, source, False)
+    eos = config_value(hf, "eos_token_id", _ANY_IDS, source, d["eos_token_ids"])
+    pad = config_value(hf, "pad_token_id", _ANY_ID, source, None)
+    rope_ratio = config_value(hf, "rope_ratio", number(0, lo_open=True), source, 1.0)
     tokens = {k: d[k] for k in _TOKEN_FIELDS}
     if any(t >= vocab for t in tokens.values()):  # a test-sized vocabulary: no special ids
         tokens = {k: None for k in tokens}
-    d.update(family=family, vocab_size=vocab, hidden_size=hf["hidden_size"], num_layers=hf["num_layers"],
-             num_heads=nh, num_kv_heads=kv, head_dim=head_dim, rope_dim=head_dim // 2,
-             ffn_hidden_size=hf["ffn_hidden_size"], max_position_embeddings=hf.get("seq_length", 2048),
-             norm_eps=hf.get("layernorm_epsilon", 1e-5), qkv_bias=bias_linear or bool(hf.get("add_qkv_bias")),
-             dense_bias=bias_linear, mlp_bias=bias_linear, rope_base=10000.0 * float(hf.get("rope_ratio", 1)),
-             query_key_layer_scaling=bool(hf.get("apply_query_key_layer_scaling", True)),
-             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    d.update(family=family, vocab_size=vocab, hidden_size=hidden,
+             num_layers=_get(hf, "num_layers", "num_layers", source), num_heads=nh, num_kv_heads=kv,
+             head_dim=head_dim, rope_dim=head_dim // 2,
+             ffn_hidden_size=_get(hf, "ffn_hidden_size", "ffn_hidden_size", source),
+             max_position_embeddings=_get(hf, "seq_length", "max_position_embeddings", source, 2048),
+             norm_eps=_get(hf, "layernorm_epsilon", "norm_eps", source, 1e-5),
+             qkv_bias=bias_linear or config_value(hf, "add_qkv_bias", FLAG, source, False),
+             dense_bias=bias_linear, mlp_bias=bias_linear, rope_base=10000.0 * rope_ratio,
+             query_key_layer_scaling=_get(hf, "apply_query_key_layer_scaling", "query_key_layer_scaling", source, True),
+             tie_word_embeddings=_get(hf, "tie_word_embeddings", "tie_word_embeddings", source, False),
              torch_dtype=str(hf.get("torch_dtype") or "float16"), quantization_bits=_quant_bits(hf, source),
              eos_token_ids=[t for t in eos if 0 <= t < vocab],
              pad_token_id=pad if pad is not None and 0 <= pad < vocab else None, **tokens)
-    return GLMConfig(**d)
+    return glm_config(source, **d)
 
 
 def config_to_chatglm(c: GLMConfig) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from glm_runtime.core.build import check_finite as check_finite_values
+from glm_runtime.core.build import check_finite_wanted
 from glm_runtime.core.errors import CheckpointError
 
 from . import chatglm, hf, native, sat
@@ -36,11 +38,14 @@ def detect_format(path: str | os.PathLike) -> str:
                           "chatglm config.json, or a SAT 'latest' + mp_rank_XX_model_states.pt layout)", path)
 
 
-def load_checkpoint(path: str | os.PathLike, progress: bool = False, sat_args: str | None = None):
+def load_checkpoint(path: str | os.PathLike, progress: bool = False, sat_args: str | None = None,
+                    check_finite: bool | None = None):
     """(format name, GLMConfig, state dict, tokenizer file or None), checked against the config.
 
     ``sat_args`` (SAT model arguments or a preset name) describes a SAT checkpoint, which
-    has no config file; it is an error for any other format."""
+    has no config file; it is an error for any other format. ``check_finite`` refuses
+    weights that hold a NaN or an inf (:func:`glm_runtime.core.build.check_finite`); None
+    means yes unless ``GLM_CHECK_WEIGHTS=0``."""
     path = Path(path)
     fmt = detect_format(path)
     reader = next(r for name, _, r in FORMATS if name == fmt)
@@ -48,5 +53,7 @@ def load_checkpoint(path: str | os.PathLike, progress: bool = False, sat_args: s
         raise CheckpointError(f"--sat-args given, but this is a {fmt} checkpoint (it has its own config)", path)
     config, state = reader(path, progress, **({"sat_args": sat_args} if fmt == "sat" else {}))
     native.check_state(config, state, path)
+    if check_finite_wanted() if check_finite is None else check_finite:
+        check_finite_values(state, path)
     tok = next((path / t for t in TOKENIZER_FILES if (path / t).is_file()), None)
     return fmt, config, state, tok

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import MISSING
 from pathlib import Path
 
 import torch
@@ -18,11 +19,14 @@ from tqdm import tqdm
 from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import CheckpointError
 from glm_runtime.core.presets import PRESETS
+from glm_runtime.core.schema import Rule, number, rule_of
 
 from .native import atomic_dir
-from .tensor_io import read_config_json, read_state_dict
+from .tensor_io import config_value, glm_config, read_config_json, read_state_dict
 
 MODEL_TYPES = {"glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM"}
+_FRACTION = number(0, 1, lo_open=True)  # partial_rotary_factor: the rotated share of a head
+_ANY_ID, _ANY_IDS = Rule("int", optional=True), Rule("ids")
 _GLM4_TOKENS = {k: v for k, v in PRESETS["glm-4-9b"].items() if k.endswith("_token_id")}
 
 
@@ -31,39 +35,43 @@ def is_hf_glm(path: Path) -> bool:
 
 
 def config_from_hf(hf: dict, source: str) -> GLMConfig:
+    """The GLMConfig of a transformers glm/glm4 config.json. Each value is checked by the
+    rule of the GLMConfig field it becomes, in the file's own spelling, before anything is
+    computed from it."""
     mt = hf.get("model_type")
     if mt not in MODEL_TYPES:
         raise CheckpointError(f"model_type {mt!r} is not a transformers GLM model (glm, glm4)", source)
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    vocab = hf["vocab_size"]
-    eos = hf.get("eos_token_id")
-    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"rope_parameters={rope!r}: expected a mapping", source)
+
+    def get(key, field, default=MISSING, within=hf):
+        return config_value(within, key, rule_of(GLMConfig, field), source, default)
+
+    theta = get("rope_theta", "rope_base", get("rope_theta", "rope_base", 10000.0), within=rope)
+    partial = config_value(rope, "partial_rotary_factor", _FRACTION, source,
+                           config_value(hf, "partial_rotary_factor", _FRACTION, source, 0.5))
+    heads, hidden, vocab = get("num_attention_heads", "num_heads"), get("hidden_size", "hidden_size"), \
+        get("vocab_size", "vocab_size")
+    head_dim = get("head_dim", "head_dim", None) or hidden // heads
+    eos = config_value(hf, "eos_token_id", _ANY_IDS, source, [])  # ids outside the vocabulary are dropped below
+    pad = config_value(hf, "pad_token_id", _ANY_ID, source, None)
     in_vocab = lambda t: t is not None and 0 <= t < vocab  # noqa: E731
     tokens = {k: v for k, v in _GLM4_TOKENS.items() if in_vocab(v)}
-    try:
-        return GLMConfig(
-            family="glm-4-0414" if mt == "glm4" else "glm-4-9b",
-            vocab_size=vocab, hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-            ffn_hidden_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-5), residual="pre",
-            sandwich_norm=(mt == "glm4"), qkv_layout="blocked", qkv_bias=hf.get("attention_bias", True),
-            dense_bias=False, mlp_bias=False, activation="swiglu", rope="interleaved",
-            rope_dim=int(head_dim * partial), rope_base=float(theta), attention="causal",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
-            **dict(tokens, pad_token_id=hf.get("pad_token_id") if in_vocab(hf.get("pad_token_id")) else None,
-                   eos_token_ids=[t for t in eos if in_vocab(t)]),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks field {e.args[0]!r}", source) from None
-    except TypeError as e:
-        raise CheckpointError(f"bad config.json: {e}", source) from None
+    return glm_config(
+        source, family="glm-4-0414" if mt == "glm4" else "glm-4-9b",
+        vocab_size=vocab, hidden_size=hidden, num_layers=get("num_hidden_layers", "num_layers"),
+        num_heads=heads, num_kv_heads=get("num_key_value_heads", "num_kv_heads", heads), head_dim=head_dim,
+        ffn_hidden_size=get("intermediate_size", "ffn_hidden_size"),
+        max_position_embeddings=get("max_position_embeddings", "max_position_embeddings", 2048),
+        norm="rmsnorm", norm_eps=get("rms_norm_eps", "norm_eps", 1e-5), residual="pre",
+        sandwich_norm=(mt == "glm4"), qkv_layout="blocked", qkv_bias=get("attention_bias", "qkv_bias", True),
+        dense_bias=False, mlp_bias=False, activation="swiglu", rope="interleaved",
+        rope_dim=int(head_dim * partial), rope_base=theta, attention="causal",
+        tie_word_embeddings=get("tie_word_embeddings", "tie_word_embeddings", False),
+        torch_dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
+        **dict(tokens, pad_token_id=pad if in_vocab(pad) else None, eos_token_ids=[t for t in eos if in_vocab(t)]),
+    )
 
 
 def config_to_hf(c: GLMConfig) -> dict:

@@ -46,6 +46,7 @@ from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import CheckpointError, GLMError
 from glm_runtime.core.model import parameter_shapes
 from glm_runtime.core.presets import PRESETS, preset
+from glm_runtime.core.schema import arg_type, integer, rule_of
 from glm_runtime.core.sharding import shard, split_kind, unshard
 
 from .native import atomic_dir
@@ -101,11 +102,13 @@ def rank_files(path: Path, expected: int | None = None) -> list[Path]:
 # ---------------------------------------------------------------------------- config
 def _sat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sat-args", add_help=False, exit_on_error=False)
-    for name, typ in (("--num-layers", int), ("--hidden-size", int), ("--inner-hidden-size", int),
-                      ("--vocab-size", int), ("--num-attention-heads", int), ("--max-sequence-length", int),
-                      ("--hidden-size-per-attention-head", int), ("--layernorm-epsilon", float),
-                      ("--model-parallel-size", int), ("--quantization-bit-width", int)):
-        p.add_argument(name, type=typ)
+    for name, field in (("--num-layers", "num_layers"), ("--hidden-size", "hidden_size"),
+                        ("--inner-hidden-size", "ffn_hidden_size"), ("--vocab-size", "vocab_size"),
+                        ("--num-attention-heads", "num_heads"), ("--max-sequence-length", "max_position_embeddings"),
+                        ("--hidden-size-per-attention-head", "head_dim"), ("--layernorm-epsilon", "norm_eps"),
+                        ("--quantization-bit-width", "quantization_bits")):
+        p.add_argument(name, type=arg_type(rule_of(GLMConfig, field)))  # checked as the field it becomes
+    p.add_argument("--model-parallel-size", type=arg_type(integer(1, 4096)))
     p.add_argument("--layernorm-order", default="pre")
     p.add_argument("--position-encoding-2d", action="store_true")
     p.add_argument("--no-glu", action="store_true")

@@ -4,15 +4,19 @@ Nothing here executes code from a checkpoint. Every failure names the file.
 """
 from __future__ import annotations
 
-import json
+import os
 import pickle
+from dataclasses import MISSING
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import CheckpointError, GLMError
+from glm_runtime.core.files import read_json
+from glm_runtime.core.schema import Rule
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -38,20 +42,36 @@ def read_pickle(path: Path) -> dict:
 
 
 def read_config_json(directory: Path, required: bool = True) -> dict:
-    """``directory/config.json`` as a dict; with ``required=False`` a missing or invalid
-    file is ``{}`` (format detection), otherwise a CheckpointError naming it."""
+    """``directory/config.json`` as a dict. A missing file is ``{}`` with ``required=False``
+    (format detection); a file that is there but unreadable, too large, not JSON or not a
+    JSON object is always a one-line error naming it."""
     f = directory / "config.json"
+    if not required and not os.path.lexists(f):
+        return {}
+    d = read_json(f, "config")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config.json must hold a JSON object, got {type(d).__name__}", f)
+    return d
+
+
+def config_value(hf: dict, key: str, rule: Rule, source, default=MISSING):
+    """``hf[key]`` of a foreign config, checked by ``rule`` (the rule of the GLMConfig field
+    it becomes) so that the error names the key as the file spells it; absent or null
+    gives ``default``, and is an error without one."""
+    value = hf.get(key)
+    if value is None:
+        if default is MISSING:
+            raise CheckpointError(f"lacks field {key!r}", source)
+        return default
+    return rule.check(key, value, source)
+
+
+def glm_config(source, **fields) -> GLMConfig:
+    """GLMConfig(**fields) built from a foreign config: a refusal names ``source``."""
     try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        if required:
-            raise CheckpointError("config.json not found", f) from None
-        return {}
-    except json.JSONDecodeError as e:
-        if required:
-            raise CheckpointError(f"not valid JSON ({e})", f) from None
-        return {}
-    return d if isinstance(d, dict) else {}
+        return GLMConfig(**fields)
+    except GLMError as e:
+        raise CheckpointError(str(e), source) from None
 
 
 def shard_files(directory: Path, stem: str, ext: str) -> list[Path]:
@@ -59,11 +79,14 @@ def shard_files(directory: Path, stem: str, ext: str) -> list[Path]:
     ``{stem}.{ext}.index.json``."""
     index = directory / f"{stem}.{ext}.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"bad shard index: {e}", index) from None
+        weight_map = read_json(index, "shard index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError("bad shard index: expected {\"weight_map\": {tensor: file, ...}}", index)
         files = sorted(set(weight_map.values()))
+        outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+        if outside:
+            raise CheckpointError(f"shard index names a file outside the checkpoint: {outside[0]}", index)
         missing = [f for f in files if not (directory / f).is_file()]
         if missing:
             raise CheckpointError(f"shard listed in the index is missing: {missing[0]}", index)

@@ -7,12 +7,13 @@ Everything that builds a model goes through :func:`materialize`: the backends th
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
 from .config import GLMConfig
-from .errors import GLMError
+from .errors import CheckpointError, GLMError
 from .model import GLMModel, Rotary, parameter_shapes
 from .ops import OpTable
 from .quant import keeps_stored_dtype
@@ -76,6 +77,40 @@ def reference_model(config: GLMConfig, state: dict[str, torch.Tensor]) -> GLMMod
     definition of every op (what the ONNX exporter traces)."""
     ops = OpTable("reference", {}, torch.float32, strict=False)
     return materialize(config, state, ops, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
+
+
+CHECK_WEIGHTS_ENV = "GLM_CHECK_WEIGHTS"
+_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary mask at 16 MB whatever the tensor
+
+
+def check_finite_wanted() -> bool:
+    """Whether loads check the weights for NaN/inf: yes unless ``GLM_CHECK_WEIGHTS=0``
+    (``glmrt generate --no-check-weights`` sets it; it reaches every rank of a launched job)."""
+    return os.environ.get(CHECK_WEIGHTS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str | os.PathLike | None = None) -> None:
+    """Raise a one-line CheckpointError naming the first tensor that holds a NaN or an inf.
+
+    One NaN in a weight turns every logit it reaches into NaN, and a model of NaN logits
+    "generates" the argmax of NaNs (token 0, printed as garbage) with exit status 0; a
+    cheap pass at load (a fraction of the time the file takes to read) makes that a
+    refusal instead. Integer tensors (quantized weights) cannot hold either.
+    """
+    for name, t in state.items():
+        if not t.is_floating_point():
+            continue
+        flat = t.reshape(-1)
+        for start in range(0, flat.numel(), _CHUNK):
+            part = flat[start:start + _CHUNK]
+            ok = torch.isfinite(part)
+            if not bool(ok.all()):
+                bad = int((~ok).sum()) + sum(int((~torch.isfinite(flat[s:s + _CHUNK])).sum())
+                                             for s in range(start + _CHUNK, flat.numel(), _CHUNK))
+                first = float(part[~ok][0])
+                raise CheckpointError(f"weights hold non-finite values: {name} has {bad} NaN/inf value(s) "
+                                      f"(first: {first}); set {CHECK_WEIGHTS_ENV}=0 or pass --no-check-weights "
+                                      "to load it anyway", source)
 
 
 def random_state(config: GLMConfig, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -24,9 +24,11 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import GLMError
+from .files import read_json
+from .schema import FLAG, TEXT, Rule, check_fields, from_mapping, integer, number, one_of, spec
 
 NORMS = ("layernorm", "rmsnorm")
 RESIDUALS = ("pre", "deepnorm")
@@ -35,6 +37,8 @@ ROPES = ("neox", "neox_2d", "interleaved")
 ATTENTIONS = ("causal", "prefix")
 QKV_LAYOUTS = ("blocked", "per_head")
 QUANT_BLOCKS = (32, 64, 128, 256)  # what the CPU int4 kernels (torch's and onnxruntime's) take
+_SIZE = integer(1, 2**31 - 1)  # a dimension, a count, a vocabulary or a context length
+_TOKEN = integer(0, 2**31 - 1, optional=True)
 
 
 @dataclass
@@ -43,84 +47,79 @@ class GLMConfig:
 
     ``head_dim`` is its own field: GLM-4 style models may have
     ``head_dim != hidden_size // num_heads`` (transformers' ``GlmConfig.head_dim``).
+    Every field states its type and range (:mod:`glm_runtime.core.schema`); the rules
+    that tie fields together are in :meth:`validate`.
     """
 
-    family: str
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    max_position_embeddings: int = 2048
-    norm: str = "rmsnorm"
-    norm_eps: float = 1e-5
-    residual: str = "pre"
+    family: str = spec(TEXT)
+    vocab_size: int = spec(_SIZE)
+    hidden_size: int = spec(_SIZE)
+    num_layers: int = spec(_SIZE)
+    num_heads: int = spec(_SIZE)
+    num_kv_heads: int = spec(_SIZE)
+    head_dim: int = spec(_SIZE)
+    ffn_hidden_size: int = spec(_SIZE)
+    max_position_embeddings: int = spec(_SIZE, 2048)
+    norm: str = spec(one_of(*NORMS), "rmsnorm")
+    norm_eps: float = spec(number(0, 1, lo_open=True), 1e-5)
+    residual: str = spec(one_of(*RESIDUALS), "pre")
     # DeepNorm alpha = sqrt(2 * deepnorm_layers). None means num_layers. ChatGLM-6B's
     # original code always uses 28 whatever the config says (its GLMBlock never receives
     # config.num_layers); the ChatGLM-6B converter sets 28 here to reproduce that.
-    deepnorm_layers: int | None = None
-    sandwich_norm: bool = False
-    qkv_layout: str = "blocked"
-    qkv_bias: bool = True
-    dense_bias: bool = False
-    mlp_bias: bool = False
-    activation: str = "swiglu"
-    rope: str = "interleaved"
-    rope_dim: int | None = None  # width of the rotated part of each head; None = head_dim // 2
-    rope_base: float = 10000.0
+    deepnorm_layers: int | None = spec(integer(1, optional=True), None)
+    sandwich_norm: bool = spec(FLAG, False)
+    qkv_layout: str = spec(one_of(*QKV_LAYOUTS), "blocked")
+    qkv_bias: bool = spec(FLAG, True)
+    dense_bias: bool = spec(FLAG, False)
+    mlp_bias: bool = spec(FLAG, False)
+    activation: str = spec(one_of(*ACTIVATIONS), "swiglu")
+    rope: str = spec(one_of(*ROPES), "interleaved")
+    rope_dim: int | None = spec(integer(2, optional=True), None)  # rotated width of each head; None = head_dim // 2
+    rope_base: float = spec(number(0, lo_open=True), 10000.0)
     # Round rotary frequencies to fp16 as GLM-130B's SAT 0.2.x and the HF ChatGLM-6B code
     # do (and compute the angles in fp16 when the model runs in fp16, as they do); needed
     # for faithful comparison with those runs (fp32 runs included: the rounded frequencies
     # change the angles by up to ~1e-3 rad at position 256).
-    rope_fp16: bool = False
-    attention: str = "causal"
+    rope_fp16: bool = spec(FLAG, False)
+    attention: str = spec(one_of(*ATTENTIONS), "causal")
     # Query-key layer scaling (divide q by layer number, multiply back in fp32 before the
     # softmax). Exact in fp32; fp16 kernels use it to avoid overflow in deep layers.
-    query_key_layer_scaling: bool = False
+    query_key_layer_scaling: bool = spec(FLAG, False)
     # Fill value for masked scores. GLM-130B/ChatGLM-6B use -10000 (a fully masked row is
     # uniform, not NaN); None means the most negative finite value of the compute dtype.
-    mask_value: float | None = None
-    tie_word_embeddings: bool = False
-    torch_dtype: str = "float32"
+    mask_value: float | None = spec(number(hi=0, hi_open=True, optional=True), None)
+    tie_word_embeddings: bool = spec(FLAG, False)
+    torch_dtype: str = spec(TEXT, "float32")
     # Weight-only quantization of the per-layer linears (None, 8 or 4); see glm_runtime.core.quant.
-    quantization_bits: int | None = None
+    quantization_bits: int | None = spec(Rule("int", choices=(4, 8), optional=True), None)
     # None: one scale per output row (GLM-130B, ChatGLM); INT4 may use one per block of
-    # this many input columns (32, 64, 128 or 256) instead.
-    quantization_block: int | None = None
+    # this many input columns instead.
+    quantization_block: int | None = spec(Rule("int", choices=QUANT_BLOCKS, optional=True), None)
     # Weight-only quantization of the output projection (None or 8). A quantized head is
     # its own matrix: a tied model's head becomes an INT8 copy of the embedding.
-    lm_head_bits: int | None = None
+    lm_head_bits: int | None = spec(Rule("int", choices=(8,), optional=True), None)
     # special tokens
-    pad_token_id: int | None = None
-    eos_token_ids: list[int] = field(default_factory=list)
-    mask_token_id: int | None = None
-    gmask_token_id: int | None = None
-    smask_token_id: int | None = None
-    sop_token_id: int | None = None
-    eop_token_id: int | None = None
+    pad_token_id: int | None = spec(_TOKEN, None)
+    eos_token_ids: list[int] = spec(Rule("ids", lo=0), default_factory=list)
+    mask_token_id: int | None = spec(_TOKEN, None)
+    gmask_token_id: int | None = spec(_TOKEN, None)
+    smask_token_id: int | None = spec(_TOKEN, None)
+    sop_token_id: int | None = spec(_TOKEN, None)
+    eop_token_id: int | None = spec(_TOKEN, None)
 
     def __post_init__(self):
-        if self.rope_dim is None:
-            self.rope_dim = self.head_dim // 2
-        if isinstance(self.eos_token_ids, int):
-            self.eos_token_ids = [self.eos_token_ids]
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
+        """Each field against its rule, then the rules between fields."""
+        check_fields(self, "invalid GLM config")
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim // 2
+
         def bad(msg):
             raise GLMError(f"invalid GLM config: {msg}")
 
-        for name, allowed in (("norm", NORMS), ("residual", RESIDUALS), ("activation", ACTIVATIONS),
-                              ("rope", ROPES), ("attention", ATTENTIONS), ("qkv_layout", QKV_LAYOUTS)):
-            if getattr(self, name) not in allowed:
-                bad(f"{name}={getattr(self, name)!r}, expected one of {', '.join(allowed)}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "ffn_hidden_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.num_heads % self.num_kv_heads:
             bad(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.qkv_layout == "per_head" and self.num_kv_heads != self.num_heads:
@@ -130,21 +129,13 @@ class GLMConfig:
                 bad("2D RoPE rotates the whole head (rope_dim must equal head_dim)")
             if self.head_dim % 4:
                 bad("2D RoPE needs head_dim divisible by 4")
-        if self.quantization_bits not in (None, 4, 8):
-            bad(f"quantization_bits={self.quantization_bits!r}, expected 4, 8 or none")
         if self.quantization_block is not None:
-            if self.quantization_bits != 4 or self.quantization_block not in QUANT_BLOCKS:
-                bad(f"quantization_block={self.quantization_block!r}: block-wise scales are for INT4, with blocks of "
-                    f"{', '.join(map(str, QUANT_BLOCKS))}")
-            for name in ("hidden_size", "ffn_hidden_size"):
-                if getattr(self, name) % self.quantization_block:
-                    bad(f"{name}={getattr(self, name)} is not a multiple of quantization_block="
-                        f"{self.quantization_block}")
-            if self.q_size % self.quantization_block:
-                bad(f"num_heads x head_dim = {self.q_size} is not a multiple of quantization_block="
-                    f"{self.quantization_block}")
-        if self.lm_head_bits not in (None, 8):
-            bad(f"lm_head_bits={self.lm_head_bits!r}, expected 8 or none")
+            if self.quantization_bits != 4:
+                bad(f"quantization_block={self.quantization_block}: block-wise scales are for INT4")
+            for name, size in (("hidden_size", self.hidden_size), ("ffn_hidden_size", self.ffn_hidden_size),
+                               ("num_heads x head_dim", self.q_size)):
+                if size % self.quantization_block:
+                    bad(f"{name}={size} is not a multiple of quantization_block={self.quantization_block}")
         if self.lm_head_bits and self.tie_word_embeddings:
             bad("a quantized output projection is its own matrix: tie_word_embeddings must be false")
         if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
@@ -188,14 +179,9 @@ class GLMConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str | None = None) -> "GLMConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise GLMError(f"unknown config field(s): {', '.join(unknown)}", source)
-        try:
-            return cls(**d)
-        except TypeError as e:  # missing required fields
-            raise GLMError(f"incomplete config: {e}", source) from None
+        """The config a file's mapping describes; unknown, missing and bad fields are one-line
+        errors naming the field and ``source``."""
+        return from_mapping(cls, d, "GLM config", source)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -204,14 +190,7 @@ class GLMConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "GLMConfig":
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise GLMError("config file not found", path) from None
-        except json.JSONDecodeError as e:
-            raise GLMError(f"config is not valid JSON ({e})", path) from None
-        return cls.from_dict(d, source=os.fspath(path))
+        return cls.from_dict(read_json(path, "config"), source=os.fspath(path))
 
     def replace(self, **changes) -> "GLMConfig":
         return dataclasses.replace(self, **changes)

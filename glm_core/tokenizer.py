@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 import re
 
@@ -34,6 +33,7 @@ import sentencepiece as spm
 
 from .config import GLMConfig
 from .errors import GLMError
+from .files import read_json
 
 SPECIAL_ORDER = ("mask", "gmask", "smask", "sop", "eop")
 MARKERS = {"[MASK]": "mask", "[gMASK]": "gmask", "[sMASK]": "smask", "<sop>": "sop", "<eop>": "eop"}
@@ -49,11 +49,11 @@ def image_tokens(model_file, config: GLMConfig | None) -> int:
     tc = os.path.join(os.path.dirname(os.fspath(model_file)), "tokenizer_config.json")
     if os.path.isfile(tc):
         try:
-            with open(tc) as f:
-                n = json.load(f).get("num_image_tokens")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            n = None
-        if isinstance(n, int):
+            meta = read_json(tc, "tokenizer config")
+        except GLMError:  # the optional hint is unreadable: fall back to the config's family
+            meta = None
+        n = meta.get("num_image_tokens") if isinstance(meta, dict) else None
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             return n
     if config is None:
         return 0

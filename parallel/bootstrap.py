@@ -44,107 +44,9 @@ from typing import Mapping
 import torch.distributed as dist
 from torch.distributed import TCPStore
 
-from glm_runtime.core.errors import GLMError
 from glm_runtime.core.registry import Backend, get_backend
 
-MPI_MARKERS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "MPI_LOCALRANKID")
-
-
-class DistributedError(GLMError):
-    """The job could not start, or a peer rank failed while it ran."""
-
-
-@dataclass
-class LaunchInfo:
-    """Where this process sits in the job, and how that was found out."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    source: str  # "explicit", "torchrun", "mpi4py", "openmpi", "pmi", "pmix", "slurm", "single"
-    comm: object = None  # mpi4py COMM_WORLD when discovered through MPI
-
-    @property
-    def all_local(self) -> bool:
-        return self.local_world_size == self.world_size
-
-
-def _int(env: Mapping[str, str], *names: str) -> int | None:
-    for n in names:
-        v = env.get(n)
-        if v not in (None, ""):
-            try:
-                return int(v)
-            except ValueError:
-                raise DistributedError(f"environment variable {n}={v!r} is not an integer") from None
-    return None
-
-
-def _from_env(env: Mapping[str, str]) -> LaunchInfo | None:
-    """Steps 4-6 of the discovery order (launcher variables, no MPI library)."""
-    table = (
-        ("openmpi", ("OMPI_COMM_WORLD_RANK",), ("OMPI_COMM_WORLD_SIZE",), ("OMPI_COMM_WORLD_LOCAL_RANK",),
-         ("OMPI_COMM_WORLD_LOCAL_SIZE",)),
-        ("pmi", ("PMI_RANK",), ("PMI_SIZE",), ("MPI_LOCALRANKID", "PALS_LOCAL_RANKID"),
-         ("MPI_LOCALNRANKS", "PALS_LOCAL_SIZE")),
-        ("pmix", ("PMIX_RANK",), ("PMIX_SIZE", "OMPI_COMM_WORLD_SIZE"), ("PMIX_LOCAL_RANK",),
-         ("PMIX_LOCAL_SIZE",)),
-        # SLURM_STEP_NUM_TASKS is set by srun for its step only: a batch script inside an
-        # allocation (SLURM_NTASKS set, no step) is not a launched rank.
-        ("slurm", ("SLURM_PROCID",), ("SLURM_STEP_NUM_TASKS",), ("SLURM_LOCALID",), ("SLURM_NTASKS_PER_NODE",)),
-    )
-    for source, rk, ws, lr, lw in table:
-        rank, world = _int(env, *rk), _int(env, *ws)
-        if rank is None or world is None:
-            continue
-        local = _int(env, *lr)
-        try:  # local sizes only decide whether the loopback can host the store
-            lsize = _int(env, *lw)
-        except DistributedError:
-            lsize = None
-        if local is None:
-            local, lsize = 0, 1
-        return LaunchInfo(rank, world, local, lsize or world, source)
-    return None
-
-
-def _from_mpi() -> LaunchInfo | None:
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    world = MPI.COMM_WORLD
-    shared = world.Split_type(MPI.COMM_TYPE_SHARED, key=world.Get_rank())
-    info = LaunchInfo(world.Get_rank(), world.Get_size(), shared.Get_rank(), shared.Get_size(), "mpi4py", world)
-    shared.Free()
-    return info
-
-
-def discover(rank: int | None = None, world_size: int | None = None, local_rank: int | None = None,
-             env: Mapping[str, str] | None = None, use_mpi: bool = True) -> LaunchInfo:
-    """Rank, world size and local rank in the documented order (module docstring)."""
-    env = os.environ if env is None else env
-    if rank is not None or world_size is not None:
-        if rank is None or world_size is None:
-            raise DistributedError("give both rank and world_size, or neither")
-        lr = local_rank if local_rank is not None else (_int(env, "LOCAL_RANK") or 0)
-        return LaunchInfo(rank, world_size, lr, _int(env, "LOCAL_WORLD_SIZE") or world_size, "explicit")
-    r, w = _int(env, "RANK"), _int(env, "WORLD_SIZE")
-    if r is not None and w is not None:
-        lr = _int(env, "LOCAL_RANK")
-        return LaunchInfo(r, w, lr or 0, _int(env, "LOCAL_WORLD_SIZE") or (w if lr is None else 1), "torchrun")
-    if use_mpi and any(m in env for m in MPI_MARKERS):
-        info = _from_mpi()
-        launcher = _from_env(env)
-        # An MPI library that does not match the launcher starts as a singleton; then the
-        # launcher's own variables are the truth.
-        if info is not None and not (info.world_size == 1 and launcher and launcher.world_size > 1):
-            return info
-    info = _from_env(env)
-    if info is not None:
-        return info
-    return LaunchInfo(0, 1, 0, 1, "single")
+from .launchenv import HUB_ENV, DistributedError, LaunchInfo, discover, env_int, under_launcher  # noqa: F401
 
 
 def timeout_for(world_size: int, base_s: float | None = None) -> datetime.timedelta:
@@ -176,20 +78,27 @@ def interface_address(name: str) -> str:
     return socket.inet_ntoa(packed[20:24])
 
 
-def store_address(info: LaunchInfo, iface: str | None = None) -> str:
-    """The address rank 0 serves the store on (module docstring: configured, not guessed
-    from the first address ``hostname -I`` prints)."""
+def host_address(all_local: bool, iface: str | None = None) -> str:
+    """The address this host serves a job's rendezvous on (configured, not guessed from the
+    first address ``hostname -I`` prints): ``GLM_BOOTSTRAP_IFACE``'s (or ``iface``'s),
+    else ``GLM_BOOTSTRAP_ADDR``, else the loopback when every rank runs here, else the
+    address the host name resolves to."""
     iface = iface or os.environ.get("GLM_BOOTSTRAP_IFACE")
     if iface:
         return interface_address(iface)
     if os.environ.get("GLM_BOOTSTRAP_ADDR"):
         return os.environ["GLM_BOOTSTRAP_ADDR"]
-    if info.all_local:
+    if all_local:
         return "127.0.0.1"
     try:
         return socket.gethostbyname(socket.getfqdn())
     except OSError as e:
         raise DistributedError(f"cannot resolve this host's name ({e}); set GLM_BOOTSTRAP_IFACE") from None
+
+
+def store_address(info: LaunchInfo, iface: str | None = None) -> str:
+    """The address rank 0 serves the store on (:func:`host_address`)."""
+    return host_address(info.all_local, iface)
 
 
 @dataclass
@@ -236,7 +145,7 @@ def open_store(info: LaunchInfo, timeout: datetime.timedelta, iface: str | None 
                 raise DistributedError(f"rank {info.rank}: cannot reach the rendezvous store at "
                                        f"{endpoint[0]}:{endpoint[1]} ({e}); check GLM_BOOTSTRAP_IFACE") from None
         return store
-    host, port = env.get("MASTER_ADDR"), _int(env, "MASTER_PORT")
+    host, port = env.get("MASTER_ADDR"), env_int(env, "MASTER_PORT")
     if info.world_size > 1 and (not host or port is None):
         raise DistributedError(f"launched by {info.source} without MPI: set MASTER_ADDR and MASTER_PORT, or "
                                "install mpi4py (pip install glm-runtime[mpi]) so rank 0 can publish the store")
@@ -291,11 +200,6 @@ def current() -> DistContext | None:
     return _context
 
 
-def under_launcher(env: Mapping[str, str] | None = None) -> bool:
-    """True when this process was started by a launcher for a job of more than one rank."""
-    return discover(env=env, use_mpi=False).world_size > 1
-
-
 def init(backend=None, rank: int | None = None, world_size: int | None = None, local_rank: int | None = None,
          iface: str | None = None, timeout_s: float | None = None) -> DistContext:
     """Discover, rendezvous and create the default process group (idempotent).
@@ -340,29 +244,42 @@ def shutdown() -> None:
     _context = None
 
 
+SUPERVISED_WAIT_S = 5.0
+
+
 @contextlib.contextmanager
 def fail_fast(what: str = "the distributed job"):
-    """Turn a failed collective into one line naming the failure and exit status 3.
+    """Turn a failed start or collective of a running job into one line and exit status 3.
 
     When a peer dies, its sockets close and the next collective on every other rank raises
     (gloo: "Connection closed by peer"; a hung peer: the collective timeout). Exiting at
     once with ``os._exit`` matters: a normal interpreter exit would run the process group's
-    destructor, which may wait on the dead peer.
+    destructor, which may wait on the dead peer. Outside a job of several ranks neither
+    error is a peer's doing, and both pass through.
+
+    Under ``glmrt launch`` (``GLM_LAUNCH_HUB`` set) this rank's supervisor learns at once
+    which rank failed, prints the line naming it and stops this process; so this line is
+    printed only if no stop comes within :data:`SUPERVISED_WAIT_S` (a peer that hangs
+    instead of dying), and a survivor never prints two.
     """
     try:
         yield
     except DistributedError as e:
+        if not under_launcher():  # a single process: the caller's one-line user error
+            raise
         _die(f"{what} failed: {e}")
     except RuntimeError as e:  # torch.distributed errors derive from RuntimeError
         ctx = current()
-        who = f"rank {ctx.rank} of {ctx.world_size}" if ctx else "this rank"
-        limit = f"{ctx.timeout.total_seconds():.0f} s" if ctx else "configured"
+        if ctx is None or ctx.world_size < 2:
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _die(f"{who}: {what} failed ({type(e).__name__}: {first}); a peer rank died, hung past the "
-             f"{limit} timeout or is unreachable")
+        _die(f"rank {ctx.rank} of {ctx.world_size}: {what} failed ({type(e).__name__}: {first}); a peer rank "
+             f"died, hung past the {ctx.timeout.total_seconds():.0f} s timeout or is unreachable")
 
 
 def _die(msg: str) -> None:
+    if os.environ.get(HUB_ENV):
+        time.sleep(SUPERVISED_WAIT_S)  # the supervisor stops this process meanwhile if a peer died
     # one write of the whole line: ranks sharing a terminal must not interleave mid-line
     sys.stderr.write(f"glmrt: error: {msg}\n")
     sys.stderr.flush()

@@ -48,7 +48,7 @@ def test_deepnorm_alpha_and_chatglm6b_fixed_layers():
 def test_unknown_fields_and_bad_json(tmp_path):
     f = tmp_path / "c.json"
     f.write_text('{"family": "x", "hidden": 3}')
-    with pytest.raises(GLMError, match="unknown config field.*hidden"):
+    with pytest.raises(GLMError, match="unknown GLM config field.*hidden .did you mean hidden_size"):
         GLMConfig.load(f)
     f.write_text("{")
     with pytest.raises(GLMError, match="not valid JSON"):

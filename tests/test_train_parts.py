@@ -153,8 +153,19 @@ def test_cli_trains_logs_and_plots(small, tmp_path, capsys):
     png = tmp_path / "curves.png"
     assert glmrt(["plot-run", str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # all steps done: a second call resumes, trains nothing and re-exports
+    # all steps done: a second call resumes, trains nothing and re-exports; it holds the run
+    # directory's lock, so a killed save's temporary there is a dead run's and goes
+    stale = run / "checkpoints" / ".step-00000099.tmp"
+    stale.mkdir()
     assert glmrt(["train", str(f), "--no-progress"]) == 0
+    assert not stale.exists()
+    # a changed model cannot resume this run: one line, before any weight is read
+    cfg["model"]["hidden_size"] = 48
+    f.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert glmrt(["train", str(f), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "different model/tokenizer config" in err, err
 
 
 def test_cli_errors_are_one_line(small, tmp_path, capsys):
@@ -168,7 +179,7 @@ def test_cli_errors_are_one_line(small, tmp_path, capsys):
     assert "cannot compute in fp16" in err and len(err.splitlines()) == 1
     f.write_text(yaml.safe_dump(tiny_config(tmp_path, corpus, tok, optim={"betas": 1})))
     assert glmrt(["train", str(f), "--no-progress"]) == 2
-    assert "unknown optim option(s): betas" in capsys.readouterr().err
+    assert "unknown optim field(s): betas" in capsys.readouterr().err
     assert glmrt(["plot-run", str(tmp_path / "nothing")]) == 2
 
 
@@ -181,7 +192,7 @@ def test_trained_model_ids_match_its_tokenizer(small):
     d, corpus, tok_file = small
     tok = Tokenizer(tok_file)
     for model in ({}, {"preset": "tiny-chatglm-6b"}, {"preset": "tiny-chatglm2"}):
-        c = model_config({"model": model}, tok)
+        c = model_config(model, tok)
         back = Tokenizer(tok_file, c)
         assert back.encode("a [MASK] b") == tok.encode("a [MASK] b"), model
         assert back.special["mask"] == c.mask_token_id == tok.sp.get_piece_size()

@@ -1,12 +1,18 @@
-"""Options shared by several subcommands: backend selection and run config files."""
+"""Options shared by several subcommands: backend selection, config files, checked options."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from glm_runtime.core.errors import GLMError
+from glm_runtime.core.files import read_text
 from glm_runtime.core.registry import get_backend
+from glm_runtime.core.schema import OPTIONAL_TEXT, arg_type, check_fields, from_mapping, integer, spec
+
+RANKS = arg_type(integer(1, 4096))  # --tp / --pp: a number of ranks
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -16,44 +22,71 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="fail instead of falling back to a reference op (also GLM_STRICT_OPS=1)")
 
 
-def read_run_config(path: str | None) -> dict:
-    """Flat run configuration: JSON, or YAML when PyYAML is installed (``key: value`` lines
-    are read without it)."""
-    if not path:
-        return {}
+def show_progress() -> bool:
+    """Progress bars only on a terminal: in a log or a pipe they are noise, and they would
+    come before a one-line error."""
+    return sys.stderr.isatty()
+
+
+def read_config_file(path: str | Path, what: str = "config"):
+    """A JSON or YAML file's value (YAML when PyYAML is installed; flat ``key: value`` lines
+    are read without it), read with the size limit of any config."""
     f = Path(path)
-    if not f.is_file():
-        raise GLMError("run config file not found", f)
-    text = f.read_text()
+    text = read_text(f, what)
     if f.suffix == ".json":
         try:
             return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise GLMError(f"not valid JSON ({e})", f) from None
+        except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
+            raise GLMError(f"{what} file is not valid JSON ({str(e)[:200]})", f) from None
+        except RecursionError:
+            raise GLMError(f"{what} file is nested too deeply to be a {what}", f) from None
     try:
         import yaml
     except ImportError:
-        yaml = None
-    if yaml is not None:
+        return _flat_yaml(text, f)
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise GLMError(f"{what} file is not valid YAML ({str(e).splitlines()[0]})", f) from None
+    except ValueError as e:  # a value YAML cannot build (an integer beyond Python's digit limit)
+        raise GLMError(f"{what} file is not a {what}: {str(e)[:200]}", f) from None
+    except RecursionError:
+        raise GLMError(f"{what} file is nested too deeply to be a {what}", f) from None
+
+
+def _flat_yaml(text: str, f: Path) -> dict:
+    data = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if ":" not in line:
+            raise GLMError(f"line {n}: expected 'key: value'", f)
+        k, v = (x.strip() for x in line.split(":", 1))
         try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise GLMError(f"not valid YAML ({str(e).splitlines()[0]})", f) from None
-    else:
-        data = {}
-        for n, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            if ":" not in line:
-                raise GLMError(f"line {n}: expected 'key: value'", f)
-            k, v = line.split(":", 1)
-            data[k.strip()] = v.strip().strip("'\"")
-    if not isinstance(data, dict):
-        raise GLMError("a run config must be a mapping of keys to values", f)
+            data[k] = json.loads(v)  # numbers, true/false, null, quoted strings
+        except json.JSONDecodeError:
+            data[k] = v.strip("'\"")
     return data
 
 
+@dataclass
+class RunConfig:
+    """A run config file (``--config run.yaml`` of generate and launch): which backend, and
+    which model when the command line names none."""
+
+    backend: str | None = spec(OPTIONAL_TEXT, None)
+    model: str | None = spec(OPTIONAL_TEXT, None)
+
+    def __post_init__(self):
+        check_fields(self, "run config")
+
+
+def read_run_config(path: str | None) -> RunConfig:
+    if not path:
+        return RunConfig()
+    return from_mapping(RunConfig, read_config_file(path, "run config"), "run config", path)
+
+
 def select_backend(args):
-    cfg = read_run_config(getattr(args, "config", None))
-    return get_backend(args.backend, cfg.get("backend"))
+    return get_backend(args.backend, read_run_config(getattr(args, "config", None)).backend)

@@ -1,15 +1,17 @@
 """``glmrt launch``: start N ranks of a command under mpirun, srun, torchrun or locally.
 
 The ranks find each other the same way whatever started them (:mod:`glm_runtime.parallel.bootstrap`
-discovers rank and world size from MPI, Slurm or torchrun), so this command only builds
-the launcher's command line and forwards the environment the backend needs
+discovers rank and world size from MPI, Slurm or torchrun), so this command builds the
+launcher's command line and forwards the environment the backend needs
 (``Backend.forward_env_prefixes``, its visible-devices variable and every ``GLM_*``
-variable). ``mpirun -n 4 glmrt generate ... --tp 2`` works just as well without it.
+variable). ``mpirun -n 4 glmrt generate ... --tp 2`` works without it too; what this
+command adds is the end of a failed job: every rank runs under a supervisor
+(:mod:`glm_runtime.cli.supervise`), so when one rank exits non-zero or dies, every other
+rank is stopped within a second, each says which rank failed, and the job's exit status
+is the failed rank's, under every launcher.
 
-``--launcher local`` starts the ranks itself: it opens the rendezvous store on port 0
-(torchrun's "agent store" arrangement, so no port is chosen and released first), passes
-its address to the children, and when a rank dies it gives the others the collective
-timeout to notice and exit with their own error before it stops them.
+``--launcher local`` starts the ranks itself and opens their rendezvous store on port 0
+(torchrun's "agent store" arrangement, so no port is chosen and released first).
 """
 from __future__ import annotations
 
@@ -24,9 +26,12 @@ import time
 from torch.distributed import TCPStore
 
 from glm_runtime.core.errors import GLMError
-from glm_runtime.parallel.bootstrap import timeout_for
+from glm_runtime.core.schema import arg_type, integer
+from glm_runtime.parallel.bootstrap import host_address, timeout_for
+from glm_runtime.parallel.launchenv import HUB_ENV
 
 from .common import add_backend_args, select_backend
+from .supervise import Hub, describe, say, shell_status
 
 NAME = "launch"
 HELP = "start N ranks of a command under mpirun, srun, torchrun or locally"
@@ -35,7 +40,7 @@ LAUNCHERS = ("auto", "local", "mpirun", "srun", "torchrun")
 
 
 def add_arguments(p):
-    p.add_argument("-n", "--nproc", type=int, required=True, help="number of ranks")
+    p.add_argument("-n", "--nproc", type=arg_type(integer(1, 2**20)), required=True, help="number of ranks")
     p.add_argument("--launcher", choices=LAUNCHERS, default="auto",
                    help="auto: srun inside a Slurm allocation, else mpirun when found, else local")
     p.add_argument("--launcher-args", default="", help="extra arguments for the launcher (quoted string)")
@@ -104,42 +109,34 @@ def _pick(launcher: str) -> str:
         return "local"
 
 
-def run_local(n: int, command: list[str], grace_s: float) -> int:
-    """Start n ranks here with an agent-hosted store; see the module docstring."""
-
-    store = TCPStore("127.0.0.1", 0, n, True, timeout=datetime.timedelta(seconds=grace_s + 60),
+def run_local(n: int, command: list[str], timeout_s: float, env: dict) -> list[int]:
+    """Start n ranks here (each ``command`` with its rank's variables and an agent-hosted
+    rendezvous store); their supervisors' exit statuses."""
+    store = TCPStore("127.0.0.1", 0, n, True, timeout=datetime.timedelta(seconds=timeout_s),
                      wait_for_workers=False, use_libuv=True)
-    procs = []
-    for r in range(n):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), GLM_AGENT_STORE="1")
-        procs.append(subprocess.Popen(command, env=env))
-    status, failed_at = [None] * n, None
-    while any(s is None for s in status):
-        for r, p in enumerate(procs):
-            if status[r] is None and p.poll() is not None:
-                status[r] = p.returncode
-                if p.returncode != 0:
-                    wait = f"; waiting up to {grace_s:.0f} s for the others" if failed_at is None else ""
-                    failed_at = failed_at or time.monotonic()
-                    print(f"glmrt launch: rank {r} exited with status {p.returncode}{wait}", file=sys.stderr,
-                          flush=True)
-        if failed_at is not None and time.monotonic() - failed_at > grace_s:
-            for r, p in enumerate(procs):
-                if status[r] is None:
-                    print(f"glmrt launch: rank {r} still running {grace_s:.0f} s after a failure: stopping it",
-                          file=sys.stderr, flush=True)
-                    p.send_signal(signal.SIGTERM)
-            for r, p in enumerate(procs):
-                if status[r] is None:
-                    try:
-                        status[r] = p.wait(10)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
-                        status[r] = p.wait()
-        time.sleep(0.05)
-    bad = [(r, s) for r, s in enumerate(status) if s != 0]
-    return bad[0][1] if bad else 0
+    procs = [subprocess.Popen(command, env=dict(env, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r),
+                                                   LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
+                                                   MASTER_PORT=str(store.port), GLM_AGENT_STORE="1"))
+             for r in range(n)]
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.05)
+    except KeyboardInterrupt:  # the ranks got the terminal's Ctrl-C too; make sure they end
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        raise
+    return [shell_status(p.returncode) for p in procs]
+
+
+def _check_command(command: list[str]) -> None:
+    """A command that cannot run here is one line now, not an error from every rank later."""
+    exe = command[0]
+    found = (os.access(exe, os.X_OK) and not os.path.isdir(exe)) if os.sep in exe else shutil.which(exe)
+    if not found:
+        raise GLMError(f"command {exe!r} not found{' or not executable' if os.sep in exe else ' on PATH'}")
 
 
 def run(args) -> int:
@@ -148,23 +145,32 @@ def run(args) -> int:
         command = command[1:]
     if not command:
         raise GLMError("no command to launch (put it after --)")
-    if args.nproc < 1:
-        raise GLMError(f"--nproc must be >= 1, got {args.nproc}")
+    _check_command(command)
     backend = select_backend(args)
     launcher = _pick(args.launcher)
     extra = args.launcher_args.split() if args.launcher_args else []
-    env_names = forwarded_env(backend)
-    if args.backend:
-        os.environ["GLM_BACKEND"] = args.backend
-        env_names = sorted(set(env_names) | {"GLM_BACKEND"})
-    cmd = build_command(launcher, args.nproc, command, env_names, extra)
+    hub = None if args.dry_run else Hub(host_address(all_local=launcher in ("local", "torchrun")), args.nproc)
+    env = dict(os.environ, **{HUB_ENV: hub.address if hub else "HOST:PORT:TOKEN"},
+               **({"GLM_BACKEND": args.backend} if args.backend else {}))
+    env_names = forwarded_env(backend, env)
+    supervised = [sys.executable, "-m", "glm_runtime.cli.supervise", *command]
+    cmd = build_command(launcher, args.nproc, supervised, env_names, extra)
     if args.dry_run:
         print(f"# launcher: {launcher}; forwarded: {', '.join(env_names) or 'nothing'}")
         print(" ".join(cmd))
         return 0
-    if launcher == "local":
-        return run_local(args.nproc, cmd, timeout_for(args.nproc).total_seconds())
     try:
-        return subprocess.call(cmd)
-    except FileNotFoundError:
-        raise GLMError(f"launcher {cmd[0]!r} not found") from None
+        if launcher == "local":
+            statuses = run_local(args.nproc, cmd, timeout_for(args.nproc).total_seconds() + 60, env)
+        else:
+            try:
+                statuses = [subprocess.call(cmd, env=env)]
+            except FileNotFoundError:
+                raise GLMError(f"launcher {cmd[0]!r} not found") from None
+    finally:
+        hub.close()
+    if hub.failed is not None:
+        rank, status = hub.failed
+        say(f"rank {rank} {describe(status)}: the job ends with its status")
+        return status
+    return next((s for s in statuses if s != 0), 0)

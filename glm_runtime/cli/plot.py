@@ -18,8 +18,16 @@ def add_arguments(p):
     p.add_argument("--title", help="figure title (default: the run directory's name)")
 
 
+FIELDS = ("lr", "loss_scale", "tokens_per_s", "batch_size")  # plotted as they are (loss and norms may be "nan")
+
+
 def _num(v):
-    return float(v) if isinstance(v, (int, float)) or v in ("inf", "nan") else float("nan")
+    if isinstance(v, (int, float)) or v in ("inf", "nan"):
+        try:
+            return float(v)
+        except OverflowError:  # an integer beyond a float's range
+            return float("inf")
+    return float("nan")
 
 
 def run(args) -> int:
@@ -33,17 +41,22 @@ def run(args) -> int:
     recs = read_log(run_dir / LOG)
     if not recs:
         raise GLMError(f"no training records in {LOG}", run_dir)
+    for r in recs:
+        missing = [k for k in FIELDS if not isinstance(r.get(k), (int, float))]
+        if missing:
+            raise GLMError(f"the record of step {r['step']} has no number for {missing[0]}: not a glm-runtime "
+                           "training log", run_dir / LOG)
     step = [r["step"] for r in recs]
     fig, ax = plt.subplots(2, 3, figsize=(15, 8))
     ax = ax.ravel()
-    ax[0].plot(step, [_num(r["loss"]) for r in recs], lw=0.8, label="train")
+    ax[0].plot(step, [_num(r.get("loss")) for r in recs], lw=0.8, label="train")
     ev = [r for r in recs if "eval_loss" in r]
     if ev:
-        ax[0].plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out")
+        ax[0].plot([r["step"] for r in ev], [_num(r["eval_loss"]) for r in ev], "o-", label="held-out")
     ax[0].set(title="loss (cross-entropy, nats/token)", xlabel="step")
     ax[0].legend()
-    ax[1].plot(step, [_num(r["grad_norm"]) for r in recs], lw=0.8, label="total")
-    ax[1].plot(step, [_num(r["embed_grad_norm"]) for r in recs], lw=0.8, label="embedding")
+    ax[1].plot(step, [_num(r.get("grad_norm")) for r in recs], lw=0.8, label="total")
+    ax[1].plot(step, [_num(r.get("embed_grad_norm")) for r in recs], lw=0.8, label="embedding")
     ax[1].set(title="gradient norm (before clipping)", xlabel="step", yscale="log")
     ax[1].legend()
     ax[2].plot(step, [r["lr"] for r in recs])

@@ -5,6 +5,8 @@ from glm_runtime.converters import native
 from glm_runtime.converters.detect import load_checkpoint
 from glm_runtime.converters.quantize import SCHEMES, quantize_scheme
 
+from .common import show_progress
+
 NAME = "quantize"
 HELP = ("quantize a checkpoint's linear layers to INT8 or INT4 (GLM-130B scheme; INT4 with block-wise scales and an "
         "INT8 output projection by default) and save it as native")
@@ -22,11 +24,14 @@ def add_arguments(p):
                         "quantized ChatGLM files hold)")
     p.add_argument("--sat-args", default=None, help="for a SAT source: its model arguments or a preset name")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-check-weights", action="store_true", help="skip the NaN/inf check of the source weights")
 
 
 def run(args) -> int:
-    fmt, config, state, tok = load_checkpoint(args.src, progress=True, sat_args=args.sat_args)
-    qconfig, qstate = quantize_scheme(config, state, args.bits, args.scheme, progress=True)
+    native.refuse_overlap(args.dst, [args.src])
+    fmt, config, state, tok = load_checkpoint(args.src, progress=show_progress(), sat_args=args.sat_args,
+                                              check_finite=not args.no_check_weights)
+    qconfig, qstate = quantize_scheme(config, state, args.bits, args.scheme, progress=show_progress())
     native.save(args.dst, qconfig, qstate, tokenizer=tok, overwrite=args.force)
     size = sum(t.numel() * t.element_size() for t in qstate.values())
     print(f"{args.src} ({fmt}) -> {args.dst}: {config.family} INT{args.bits} ({args.scheme} scheme), "

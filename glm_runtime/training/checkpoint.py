@@ -4,7 +4,7 @@ Layout of a run directory::
 
     checkpoints/
       step-00000200/
-        meta.json                  step, layout (tp, pp, dp), world size, files
+        meta.json                  step, layout (tp, pp, dp), world size, files, the run's model config
         model-rank00000.safetensors   fp32 (master) weights of this rank's shard
         state-rank00000.pt         optimizer, loss scaler, RNG states, data position
       latest                       name of the newest complete checkpoint
@@ -14,7 +14,8 @@ files there, each file itself written to a temporary name, flushed and renamed),
 0 writes meta.json and renames the directory into place, and only then replaces
 ``latest`` (temp file + ``os.replace``). A process killed at any point leaves either the
 old ``latest`` pointing at a complete checkpoint or the new one complete; a stale temp
-directory is removed by the next save.
+directory is removed by the next save, and ``glmrt train`` removes every one it finds when
+it starts (it holds the run directory's lock: no other writer can be at work there).
 
 ``state-*.pt`` holds only tensors, numbers, strings, lists and dicts and is read with
 ``torch.load(weights_only=True)``: a checkpoint never executes code when loaded.
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 
 from glm_runtime.converters.tensor_io import read_safetensors
 from glm_runtime.core.errors import CheckpointError
+from glm_runtime.core.files import read_json, read_text, writing
 
 LATEST = "latest"
 FORMAT = "glm-runtime-train/1"
@@ -62,33 +64,34 @@ def step_name(step: int) -> str:
 def save(ckpt_root: str | os.PathLike, step: int, rank: int, world: int, layout: dict,
          model_state: dict[str, torch.Tensor], train_state: dict, barrier=lambda: None, keep: int = 2) -> Path:
     """Save this rank's part of checkpoint ``step``; collective over all ranks (``barrier``)."""
-    root = Path(ckpt_root)
-    final = root / step_name(step)
-    tmp = root / f".{step_name(step)}.tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    _write_file(tmp / f"model-rank{rank:05d}.safetensors",
-                lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(p)))
-    _write_file(tmp / f"state-rank{rank:05d}.pt", lambda p: torch.save(train_state, p))
-    barrier()
-    if rank == 0:
-        meta = {"format": FORMAT, "step": step, "world_size": world, "layout": layout,
-                "ranks": [f"rank{r:05d}" for r in range(world)]}
-        _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-        _fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step replaces it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        _write_file(root / LATEST, lambda p: p.write_text(final.name + "\n"))
-        _fsync_dir(root)
-        _prune(root, keep)
-    barrier()
-    return final
+    with writing(ckpt_root, "checkpoint"):  # a full or read-only disk: one line naming the directory
+        root = Path(ckpt_root)
+        final = root / step_name(step)
+        tmp = root / f".{step_name(step)}.tmp"
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        barrier()
+        _write_file(tmp / f"model-rank{rank:05d}.safetensors",
+                    lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(p)))
+        _write_file(tmp / f"state-rank{rank:05d}.pt", lambda p: torch.save(train_state, p))
+        barrier()
+        if rank == 0:
+            meta = {"format": FORMAT, "step": step, "world_size": world, "layout": layout,
+                    "ranks": [f"rank{r:05d}" for r in range(world)], "extra": train_state.get("extra")}
+            _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+            _fsync_dir(tmp)
+            if final.exists():  # a re-run of the same step replaces it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            _write_file(root / LATEST, lambda p: p.write_text(final.name + "\n"))
+            _fsync_dir(root)
+            _prune(root, keep)
+        barrier()
+        return final
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -97,24 +100,27 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def remove_temporaries(ckpt_root: str | os.PathLike) -> None:
+    """Remove the temporary directories of saves that never finished (a killed run's)."""
+    for tmp in Path(ckpt_root).glob(".step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def latest(ckpt_root: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory, or None when there is none."""
     root = Path(ckpt_root)
     f = root / LATEST
     if not f.is_file():
         return None
-    d = root / f.read_text().strip()
+    d = root / read_text(f, "checkpoint pointer").strip()
     if not (d / "meta.json").is_file():
         raise CheckpointError(f"'latest' names {d.name}, which is not a complete checkpoint", root)
     return d
 
 
 def read_meta(ckpt: Path) -> dict:
-    try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"unreadable checkpoint metadata ({e})", ckpt) from None
-    if meta.get("format") != FORMAT:
+    meta = read_json(ckpt / "meta.json", "checkpoint metadata")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"not a training checkpoint of format {FORMAT}", ckpt)
     return meta
 

@@ -35,51 +35,40 @@ import numpy as np
 import torch
 
 from glm_runtime.core.errors import GLMError
+from glm_runtime.core.schema import FLAG, check_fields, integer, number, one_of, spec
 
 from .data import TokenStream
 
 IGNORE = -100
+_SHARE = number(0, 1)
+SEQ_LEN = integer(16, 2**20)  # tokens per row: a sample needs room for its spans
 
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "glm"  # "glm" blank infilling | "causal"
-    positions: str = "1d"  # "1d" (GLM-130B) | "2d" (ChatGLM-6B)
-    mask_share: float = 0.3
-    smask_share: float = 0.0
-    mask_ratio: float = 0.15
-    poisson_lambda: float = 3.0
-    max_span: int = 39
-    gmask_min_ratio: float = 0.5
-    gmask_max_ratio: float = 1.0
-    shuffle_spans: bool = True
-    pack: int = 4
+    kind: str = spec(one_of("glm", "causal"), "glm")  # "glm" blank infilling | "causal"
+    positions: str = spec(one_of("1d", "2d"), "1d")  # "1d" (GLM-130B) | "2d" (ChatGLM-6B)
+    mask_share: float = spec(_SHARE, 0.3)
+    smask_share: float = spec(_SHARE, 0.0)
+    mask_ratio: float = spec(number(0, 1, lo_open=True, hi_open=True), 0.15)
+    poisson_lambda: float = spec(number(0, lo_open=True), 3.0)
+    max_span: int = spec(integer(1, 2**20), 39)
+    gmask_min_ratio: float = spec(_SHARE, 0.5)
+    gmask_max_ratio: float = spec(_SHARE, 1.0)
+    shuffle_spans: bool = spec(FLAG, True)
+    pack: int = spec(integer(1, 1024), 4)
 
     def __post_init__(self):
+        check_fields(self, "objective")
         bad = None
-        if self.kind not in ("glm", "causal"):
-            bad = f"objective kind {self.kind!r}, expected glm or causal"
-        elif self.positions not in ("1d", "2d"):
-            bad = f"positions {self.positions!r}, expected 1d or 2d"
-        elif self.kind == "causal" and self.positions == "2d":
+        if self.kind == "causal" and self.positions == "2d":
             bad = "the causal objective uses 1d positions"
-        elif not (0 <= self.mask_share and 0 <= self.smask_share and self.mask_share + self.smask_share <= 1):
-            bad = "mask_share + smask_share must lie in [0, 1]"
-        elif not 0 < self.mask_ratio < 1:
-            bad = "mask_ratio must lie in (0, 1)"
-        elif not 0 <= self.gmask_min_ratio <= self.gmask_max_ratio <= 1:
-            bad = "need 0 <= gmask_min_ratio <= gmask_max_ratio <= 1"
-        elif self.pack < 1 or self.max_span < 1 or self.poisson_lambda <= 0:
-            bad = "pack and max_span must be >= 1 and poisson_lambda > 0"
+        elif self.mask_share + self.smask_share > 1:
+            bad = f"mask_share + smask_share = {self.mask_share + self.smask_share:g}: must be <= 1"
+        elif self.gmask_min_ratio > self.gmask_max_ratio:
+            bad = f"gmask_min_ratio={self.gmask_min_ratio:g} exceeds gmask_max_ratio={self.gmask_max_ratio:g}"
         if bad:
             raise GLMError(f"invalid objective: {bad}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ObjectiveConfig":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise GLMError(f"unknown objective option(s): {', '.join(unknown)}")
-        return cls(**d)
 
 
 @dataclass
@@ -143,8 +132,7 @@ class Collator:
 
     def __init__(self, stream: TokenStream, seq_len: int, objective: ObjectiveConfig, ids: SpecialIds,
                  seed: int = 0):
-        if seq_len < 16:
-            raise GLMError(f"seq_len must be >= 16, got {seq_len}")
+        SEQ_LEN.check("seq_len", seq_len)
         if objective.kind == "glm" and objective.mask_share + objective.smask_share > 0 \
                 and seq_len // objective.pack < 16:
             raise GLMError(f"seq_len {seq_len} / pack {objective.pack} leaves fewer than 16 tokens per sample")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from glm_runtime.converters.native import atomic_dir
 from glm_runtime.core.errors import GLMError
+from glm_runtime.core.files import read_json
 
 INDEX = "index.json"
 SHARD_FORMAT = "glm-runtime-shards/1"
@@ -61,6 +62,8 @@ def split_documents(docs: list[str], every: int) -> tuple[list[str], list[str]]:
 
 def corpus_files(corpus: str | os.PathLike) -> list[Path]:
     p = Path(corpus)
+    if not p.exists():
+        raise GLMError("corpus not found", p)
     files = sorted(p.glob("*.txt")) if p.is_dir() else [p]
     if not files:
         raise GLMError("no *.txt corpus files", p)
@@ -96,13 +99,10 @@ def write_shards(out_dir: str | os.PathLike, splits: dict[str, list[list[int]]],
 
 def read_index(shard_dir: str | os.PathLike) -> dict:
     f = Path(shard_dir) / INDEX
-    try:
-        index = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise GLMError("token shards not found (no index.json)", shard_dir) from None
-    except json.JSONDecodeError as e:
-        raise GLMError(f"shard index is not valid JSON ({e})", f) from None
-    if index.get("format") != SHARD_FORMAT:
+    if not f.is_file():
+        raise GLMError("token shards not found (no index.json)", shard_dir)
+    index = read_json(f, "shard index")
+    if not isinstance(index, dict) or index.get("format") != SHARD_FORMAT:
         raise GLMError(f"not a shard index of format {SHARD_FORMAT}", f)
     return index
 
@@ -192,6 +192,8 @@ def train_tokenizer(files: list[Path], prefix: Path, vocab_size: int, heldout_ev
             normalization_rule_name="identity", split_digits=True,
             num_threads=1, shuffle_input_sentence=False, max_sentence_length=8192, bos_id=-1, eos_id=2,
             unk_id=0, pad_id=1, minloglevel=2)
+    except RuntimeError as e:  # sentencepiece's refusal (a vocabulary larger than the corpus allows ...)
+        raise GLMError(f"training the tokenizer failed: {str(e).strip().splitlines()[-1]}", prefix.parent) from None
     finally:
         text.unlink(missing_ok=True)
     return prefix.with_suffix(".model")

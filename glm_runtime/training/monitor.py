@@ -12,36 +12,43 @@ import json
 import os
 from pathlib import Path
 
+from glm_runtime.core.files import writing
+
 LOG = "train.jsonl"
 
 
 class RunLog:
     def __init__(self, run_dir: str | os.PathLike, resume_step: int):
         self.path = Path(run_dir) / LOG
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_log(self.path) if r["step"] <= resume_step] if resume_step else []
         tmp = self.path.with_name(LOG + ".part")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
-        self._f = open(self.path, "a")
+        with writing(self.path, "training log"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)
+            self._f = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(record) + "\n")
-        self._f.flush()
+        with writing(self.path, "training log"):
+            self._f.write(json.dumps(record) + "\n")
+            self._f.flush()
 
     def close(self) -> None:
         self._f.close()
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """Records of a run log; a torn last line (process killed mid-write) is ignored."""
+    """Records of a run log; a torn last line (process killed mid-write), or any line that
+    is not a step's record, is ignored."""
     p = Path(path)
     if not p.is_file():
         return []
     out = []
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
     return out

@@ -14,29 +14,31 @@ from dataclasses import dataclass
 import torch
 
 from glm_runtime.core.errors import GLMError
+from glm_runtime.core.schema import check_fields, integer, number, spec
+
+_COUNT = integer(0, 2**31 - 1)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip_grad: float = 1.0
-    batch_size: int = 8  # global samples (rows) per step after warm-up
-    micro_batch_size: int = 8
-    batch_warmup_start: int | None = None  # None: no batch-size warm-up
-    batch_warmup_steps: int = 0
+    lr: float = spec(number(0, lo_open=True), 1e-3)
+    min_lr_ratio: float = spec(number(0, 1), 0.1)
+    warmup_steps: int = spec(_COUNT, 100)
+    weight_decay: float = spec(number(0), 0.1)
+    beta1: float = spec(number(0, 1, hi_open=True), 0.9)
+    beta2: float = spec(number(0, 1, hi_open=True), 0.95)
+    eps: float = spec(number(0, lo_open=True), 1e-8)
+    clip_grad: float = spec(number(0), 1.0)  # 0: no clipping
+    batch_size: int = spec(integer(1, 2**31 - 1), 8)  # global samples (rows) per step after warm-up
+    micro_batch_size: int = spec(integer(1, 2**31 - 1), 8)
+    batch_warmup_start: int | None = spec(integer(1, 2**31 - 1, optional=True), None)  # None: no batch warm-up
+    batch_warmup_steps: int = spec(_COUNT, 0)
 
     def __post_init__(self):
+        check_fields(self, "optim")
         if self.batch_size % self.micro_batch_size:
             raise GLMError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size "
                            f"{self.micro_batch_size}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise GLMError("need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0")
 
 
 def param_groups(named_params, weight_decay: float) -> list[dict]:

@@ -19,17 +19,21 @@ from dataclasses import dataclass
 import torch
 
 from glm_runtime.core.errors import GLMError
+from glm_runtime.core.schema import check_fields, integer, number, spec
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
 class ScalerConfig:
-    init_scale: float = 2.0 ** 16
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 1000
-    min_scale: float = 1.0
+    init_scale: float = spec(number(0, lo_open=True), 2.0 ** 16)
+    growth_factor: float = spec(number(1), 2.0)
+    backoff_factor: float = spec(number(0, 1, lo_open=True, hi_open=True), 0.5)
+    growth_interval: int = spec(integer(1, 2**31 - 1), 1000)
+    min_scale: float = spec(number(0, lo_open=True), 1.0)
+
+    def __post_init__(self):
+        check_fields(self, "scaler")
 
 
 class LossScaler:
@@ -38,8 +42,6 @@ class LossScaler:
     def __init__(self, dynamic: bool, config: ScalerConfig | None = None):
         self.dynamic = dynamic
         self.cfg = config or ScalerConfig()
-        if self.cfg.backoff_factor >= 1 or self.cfg.growth_factor < 1 or self.cfg.growth_interval < 1:
-            raise GLMError("loss scaler needs backoff_factor < 1, growth_factor >= 1, growth_interval >= 1")
         self.scale = float(self.cfg.init_scale) if dynamic else 1.0
         self.good_steps = 0
         self.skipped = 0

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from glm_runtime.core.errors import GLMError
 from glm_runtime.core.model import GLMModel
+from glm_runtime.core.schema import TEXT, check_fields, integer, number, one_of, spec
 
 from . import checkpoint
-from .collator import Batch, Collator, ObjectiveConfig
+from .collator import SEQ_LEN, Batch, Collator, ObjectiveConfig
 from .monitor import RunLog
 from .optim import OptimConfig, batch_size_at, clip_grads, lr_at, make_optimizer, set_lr
 from .reshard import load_into
@@ -37,27 +38,22 @@ from .stability import shrink_embedding_gradient
 
 @dataclass
 class TrainConfig:
-    run_dir: str
-    steps: int
-    seq_len: int = 256
-    seed: int = 0
-    precision: str = "fp32"
-    embed_grad_alpha: float = 0.1
-    eval_interval: int = 0  # 0: evaluate only at the end
-    eval_batches: int = 4
-    save_interval: int = 100
-    keep_checkpoints: int = 2
+    run_dir: str = spec(TEXT)
+    steps: int = spec(integer(1, 2**31 - 1))
+    seq_len: int = spec(SEQ_LEN, 256)
+    seed: int = spec(integer(0, 2**63 - 1), 0)
+    precision: str = spec(one_of(*PRECISIONS), "fp32")
+    embed_grad_alpha: float = spec(number(0, 1, lo_open=True), 0.1)
+    eval_interval: int = spec(integer(0, 2**31 - 1), 0)  # 0: evaluate only at the end
+    eval_batches: int = spec(integer(1, 2**20), 4)
+    save_interval: int = spec(integer(1, 2**31 - 1), 100)
+    keep_checkpoints: int = spec(integer(0, 2**20), 2)  # 0: keep every checkpoint
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     scaler: ScalerConfig = field(default_factory=ScalerConfig)
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise GLMError(f"precision {self.precision!r}, expected one of {', '.join(PRECISIONS)}")
-        if self.steps < 1 or self.save_interval < 1:
-            raise GLMError("steps and save_interval must be >= 1")
-        if not 0 < self.embed_grad_alpha <= 1:
-            raise GLMError("embed_grad_alpha must lie in (0, 1]")
+        check_fields(self, "training config")
 
 
 def batch_loss(model: GLMModel, batch: Batch) -> torch.Tensor:
@@ -135,6 +131,8 @@ class Trainer:
         """Load checkpoint ``ck`` into this trainer: directly when it has this run's layout,
         else through :mod:`glm_runtime.training.reshard`."""
         meta = checkpoint.read_meta(ck)
+        if "extra" in meta:  # before any weight is read: another model's shapes would not fit
+            self._check_same_run(meta["extra"], ck)
         topo = getattr(self, "topo", None)
         rank, world = (topo.rank, topo.world_size) if topo is not None else (0, 1)
         if meta["world_size"] == world and meta["layout"] == self.layout:
@@ -146,14 +144,17 @@ class Trainer:
             self.opt.load_state_dict(ts["optimizer"])
         else:
             ts = load_into(self, ck, meta, tp, tp_rank)
-        if ts.get("extra") != self.extra_state:
-            raise GLMError("the run directory's checkpoint was made with a different model/tokenizer config; "
-                           "use a new run directory", ck)
+        self._check_same_run(ts.get("extra"), ck)
         self.scaler.load_state_dict(ts["scaler"])
         self.collator.load_state_dict(ts["data"])
         torch.set_rng_state(ts["torch_rng"])
         self.step = int(ts["step"])
         return self.step
+
+    def _check_same_run(self, extra, ck: Path) -> None:
+        if extra != self.extra_state:
+            raise GLMError("the run directory's checkpoint was made with a different model/tokenizer config; "
+                           "use a new run directory", ck)
 
     def save(self) -> Path:
         return checkpoint.save(self.ckpt_root, self.step, 0, 1, self.layout, self.master.state_dict(),
