@@ -53,7 +53,12 @@ class GLM:
 
     def _check_ids(self, input_ids, attention_mask):
         if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+            try:
+                input_ids = torch.as_tensor(input_ids)
+            except (ValueError, TypeError, RuntimeError, OverflowError) as e:  # ragged, beyond int64, not numbers
+                raise GLMError(f"input_ids must be a [batch, length] array of token ids: {e}") from None
+        if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
+            raise GLMError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
