@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 _PUBLIC = {
     "DistributedError": "launchenv", "discover": "launchenv", "fail_fast": "bootstrap", "init": "bootstrap",
     "shutdown": "bootstrap", "timeout_for": "bootstrap", "PipelineTrainer": "pipeline", "bubble_theory": "pipeline",
-    "partition_layers": "pipeline", "Topology": "topology",
+    "partition_layers": "stages", "Topology": "topology",
 }
 __all__ = ["DistributedError", "PipelineTrainer", "Topology", "bubble_theory", "discover", "fail_fast", "init",
            "partition_layers", "shutdown", "timeout_for"]  # = the keys of _PUBLIC
@@ -25,7 +25,8 @@ __all__ = ["DistributedError", "PipelineTrainer", "Topology", "bubble_theory", "
 if TYPE_CHECKING:
     from .bootstrap import fail_fast, init, shutdown, timeout_for
     from .launchenv import DistributedError, discover
-    from .pipeline import PipelineTrainer, bubble_theory, partition_layers
+    from .pipeline import PipelineTrainer, bubble_theory
+    from .stages import partition_layers
     from .topology import Topology
 
 

@@ -29,7 +29,7 @@ from glm_runtime.core import sharding
 from glm_runtime.core.model import GLMModel, Layers
 
 from . import tensor as tpar
-from .pipeline import partition_layers
+from .stages import partition_layers
 from .topology import Topology
 
 

@@ -1,4 +1,7 @@
-"""Pipeline parallelism: stage partition and training with torch's pipelining schedules.
+"""Pipeline parallelism: training with torch's pipelining schedules.
+
+Which layers each stage holds is :mod:`.stages` (inference needs it without this module's
+import of torch.distributed.pipelining, which pulls in torch's compiler: seconds per process).
 
 Schedules are torch.distributed.pipelining's: ``1f1b`` (Schedule1F1B, the PipeDream-Flush
 schedule GLM-130B trained with) and ``gpipe`` (ScheduleGPipe). A stage's inputs are the
@@ -24,31 +27,6 @@ from glm_runtime.core.errors import GLMError
 from .data import wrap_ddp
 
 SCHEDULES = ("1f1b", "gpipe")
-
-
-def partition_layers(num_layers: int, stages: int, ends_lighter: bool = False) -> list[tuple[int, int]]:
-    """[start, end) layer ranges of each stage, as even as possible (extra layers go to the
-    earliest stages). ``ends_lighter``: the first and last stage take one layer fewer
-    than the others, to balance the embedding and the output projection they also hold
-    (GLM-130B: 70 layers on 8 stages as 8, 9, 9, 9, 9, 9, 9, 8)."""
-    if stages < 1:
-        raise GLMError(f"pipeline stages must be >= 1, got {stages}")
-    if stages == 1:
-        return [(0, num_layers)]
-    slots = num_layers + (2 if ends_lighter else 0)
-    base, extra = divmod(slots, stages)
-    counts = [base + (1 if i < extra else 0) for i in range(stages)]
-    if ends_lighter:
-        counts[0] -= 1
-        counts[-1] -= 1
-    if min(counts[1:-1] or [1]) < 1 or min(counts) < 0:
-        raise GLMError(f"cannot split {num_layers} layers into {stages} pipeline stages"
-                       f"{' with lighter ends' if ends_lighter else ''}")
-    bounds, start = [], 0
-    for n in counts:
-        bounds.append((start, start + n))
-        start += n
-    return bounds
 
 
 def bubble_theory(stages: int, microbatches: int) -> float:

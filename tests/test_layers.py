@@ -7,9 +7,11 @@
 * No import cycle between the project's files (every import statement counts, at module
   level or inside a function).
 * Imports inside functions are there only for optional dependencies: an optional
-  third-party package, or a project module that imports one at its top. Two documented
-  exceptions keep pytest sessions cheap: the package root resolves its public names
-  lazily, and the conformance kit's pytest plugin imports the kit only when it is used.
+  third-party package, or a project module that imports one at its top. Documented
+  exceptions keep start-up cheap: the package root resolves its public names lazily, the
+  conformance kit's pytest plugin imports the kit only when it is used, and training
+  imports torch's pipelining schedules (and with them torch's compiler stack, ~3 s per
+  process) only for a pipelined run, so that no other glmrt command pays for them.
 """
 from __future__ import annotations
 
@@ -26,9 +28,12 @@ FOLDERS = {"glm_runtime": "glm_runtime", "glm_core": "glm_runtime.core", "backen
 LAYER = {"glm_runtime.core": 0, "glm_runtime.converters": 1, "glm_runtime.parallel": 1, "glm_runtime.backends": 2}
 APP = 3
 ALLOWED_SIDEWAYS = {("glm_runtime.backends", "glm_runtime.converters")}
+# optional packages (extras) and heavy ones only some commands need (onnx: the exporter and
+# the onnx backend), imported where the feature needing them runs
 OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "triton", "transformers", "torch_npu", "mpi4py", "matplotlib",
             "yaml", "regex", "llama_cpp", "fastapi", "starlette", "uvicorn", "sse_starlette", "prometheus_client"}
-LAZY_BY_DESIGN = {("glm_runtime.conformance.plugin", "glm_runtime.conformance.target")}
+LAZY_BY_DESIGN = {("glm_runtime.conformance.plugin", "glm_runtime.conformance.target"),
+                  ("glm_runtime.training.distributed", "glm_runtime.parallel.pipeline")}
 
 
 @dataclass

@@ -32,7 +32,6 @@ import torch.distributed as dist
 from glm_runtime.core.errors import GLMError
 from glm_runtime.core.model import parameter_shapes
 from glm_runtime.parallel.model import ParallelModel
-from glm_runtime.parallel.pipeline import PipelineTrainer
 
 from . import checkpoint
 from .collator import Batch
@@ -80,6 +79,10 @@ class ParallelTrainer(Trainer):
         """The pipelining schedule for ``m`` micro-batches (one per count: batch-size warm-up
         changes the count)."""
         if m not in self._pipelines:
+            # here, not at the top: torch's pipelining imports its compiler stack (~3 s per
+            # process), which only pipelined training needs (tests/test_layers.py lists it)
+            from glm_runtime.parallel.pipeline import PipelineTrainer
+
             trainer = self
 
             class _Weighted(PipelineTrainer):

@@ -10,7 +10,8 @@ from glm_runtime.core.build import random_state
 from glm_runtime.core.errors import GLMError
 from glm_runtime.core.presets import preset
 from glm_runtime.parallel import bootstrap
-from glm_runtime.parallel.pipeline import bubble_theory, partition_layers
+from glm_runtime.parallel.pipeline import bubble_theory
+from glm_runtime.parallel.stages import partition_layers
 
 # ------------------------------------------------------------------ discovery
 
