@@ -21,7 +21,6 @@ from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import GLMError
 from glm_runtime.core.quant import LINEARS, dequantize, quantize
 
-
 SCHEMES = {
     # INT4 scales per block of 32 inputs and an INT8 output projection: what the CPU fast
     # path reads fastest, and more accurate than per-row INT4 (docs/families.md)

@@ -145,6 +145,8 @@ def load_model(path: str | os.PathLike, backend: str | Backend | None = None, st
             raise GLMError(f"load_model got unsupported option(s): {', '.join(extra)}")
         return load_parallel(path, b, tp=tp, pp=pp, dp=dp, strict_ops=strict_ops, progress=progress)
     if b.runs_own_graph:  # a graph of its own (an exported model): one process each
+        if sat_args is not None:
+            kwargs["sat_args"] = sat_args
         runner = b.load_runtime(path, strict_ops=strict_ops, progress=progress, **kwargs)
         return GLM(runner, b, runner.tokenizer_path, source=os.fspath(path))
     if kwargs:

@@ -412,8 +412,13 @@ def test_no_check_weights_loads_them_anyway(w, tmp_path, capsys):
     """The load goes through; generation then meets the NaN logits and stops with one line
     naming the step (never prints them as text)."""
     m = poisoned(w, tmp_path, "layers.0.attn.qkv.weight", float("nan"))
-    assert glmrt(["generate", str(m), "--ids", "1,2", "--max-new-tokens", "1", "--no-check-weights"]) == 2
+    assert glmrt(["generate", str(m), "--ids", "1,2", "--max-new-tokens", "1", "--no-check-weights",
+                  "--backend", "cpu"]) == 2
     assert_one_line(capsys.readouterr().err, ["non-finite logits at generation step 0"])
+    # the onnx backend's export check meets them first, and says so
+    assert glmrt(["generate", str(m), "--ids", "1,2", "--max-new-tokens", "1", "--no-check-weights",
+                  "--backend", "onnx"]) == 2
+    assert_one_line(capsys.readouterr().err, ["non-finite logits", "NaN/inf in its weights"])
     assert os.environ.get("GLM_CHECK_WEIGHTS") is None  # the switch was for that load only
 
 

@@ -93,17 +93,18 @@ def export_key(checkpoint: Path, options: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def exported(checkpoint: str | os.PathLike, progress: bool = False, cache: bool | None = None) -> Path:
+def exported(checkpoint: str | os.PathLike, progress: bool = False, cache: bool | None = None,
+             sat_args: str | None = None) -> Path:
     """An export of ``checkpoint`` (any supported format), from the cache or made now."""
     src = Path(checkpoint)
     fmt = detect_format(src)  # a clear error for a path that is no checkpoint
-    options = {"opset": DEFAULT_OPSET, "format": fmt}
+    options = {"opset": DEFAULT_OPSET, "format": fmt, "sat_args": sat_args}
     use_cache = enabled() if cache is None else cache
     if not use_cache:
         out = Path(tempfile.mkdtemp(prefix="glm-onnx-")) / "export"
         atexit.register(shutil.rmtree, out.parent, True)
         log.info("exporting %s to ONNX into %s (cache disabled)", src, out)
-        export_checkpoint(src, out, progress=progress)
+        export_checkpoint(src, out, progress=progress, sat_args=sat_args)
         return out
     out = cache_root() / export_key(src, options)
     if (out / GRAPH).is_file():
@@ -111,7 +112,7 @@ def exported(checkpoint: str | os.PathLike, progress: bool = False, cache: bool 
         return out
     log.info("onnx backend: exporting %s once into the cache at %s", src, out)
     try:
-        export_checkpoint(src, out, progress=progress)
+        export_checkpoint(src, out, progress=progress, sat_args=sat_args)
     except GLMError:
         if (out / GRAPH).is_file():  # another process exported it at the same time
             return out

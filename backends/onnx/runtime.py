@@ -127,7 +127,7 @@ class OnnxSession:
     def placement(self) -> Counter:
         """{(provider, op type): nodes executed} from one profiled run on a short prompt."""
         if self._placement is None:
-            import onnxruntime as ort  # optional dependency (the onnx extra)
+            import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
 
             c = self.info.config
             ids = torch.full((2, 3), c.pad_token_id or 0, dtype=torch.long)
@@ -202,7 +202,7 @@ class OnnxRunner:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                  cache: OrtCache | None = None, start: int | torch.Tensor = 0,
                  logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        import onnxruntime as ort  # optional dependency (the onnx extra)
+        import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
 
         c = self.config
         B, T = input_ids.shape

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from glm_runtime.core.config import GLMConfig
+from glm_runtime.core.errors import GLMError
 from glm_runtime.core.masks import decode_inputs, prefill_inputs
 from glm_runtime.core.model import GLMModel
 
@@ -52,6 +53,9 @@ def compare_with_torch(model: GLMModel, run, seed: int = 0) -> float:
     cache = layout.ConcatCache(layout.empty_past(config, ids.shape[0]))
     with torch.inference_mode():
         ref = model(ids, pos, mask, cache=cache)
+    if not bool(torch.isfinite(ref[pad_mask.bool()]).all()):  # not the exporter's fault: say what it is
+        raise GLMError("the model computes non-finite logits (NaN/inf in its weights, or an overflow): "
+                       "its export cannot be checked")
     got, present = run(ids, pos, mask, cache.past)
     real = pad_mask.bool().numpy()
     err = float(np.abs(got - ref.numpy())[real].max())
@@ -68,7 +72,7 @@ def compare_with_torch(model: GLMModel, run, seed: int = 0) -> float:
 
 
 def cpu_session(graph: Path):
-    import onnxruntime as ort  # optional dependency (the onnx extra)
+    import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
 
     so = ort.SessionOptions()
     so.log_severity_level = 3

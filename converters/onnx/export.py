@@ -129,7 +129,7 @@ def export_graph(model: GLMModel, path: Path, opset: int) -> None:
 def save_graph(proto, path: Path) -> None:
     """Write ``proto`` to ``path`` with every weight in the one external data file the
     layout names (replacing any there: onnx appends to an existing data file)."""
-    import onnx  # optional dependency (the onnx extra), as below
+    import onnx  # heavy: imported where used (a plain glmrt command never loads it), as below
 
     data = path.parent / layout.DATA
     data.unlink(missing_ok=True)
@@ -211,7 +211,7 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
 
 def set_accuracy_level(graph: Path, level: int) -> None:
     """Set ``accuracy_level`` on every ``MatMulNBits`` of the graph file (weights untouched)."""
-    import onnx  # optional dependency (the onnx extra)
+    import onnx  # heavy: imported where used (a plain glmrt command never loads it)
 
     proto = onnx.load(str(graph), load_external_data=False)
     for n in proto.graph.node:
@@ -226,7 +226,7 @@ def set_accuracy_level(graph: Path, level: int) -> None:
 
 def write_metadata(graph: Path, meta: dict[str, str]) -> None:
     """Set metadata_props on the graph file, leaving its external data in place."""
-    import onnx  # optional dependency (the onnx extra)
+    import onnx  # heavy: imported where used (a plain glmrt command never loads it)
 
     proto = onnx.load(str(graph), load_external_data=False)
     del proto.metadata_props[:]
@@ -237,7 +237,7 @@ def write_metadata(graph: Path, meta: dict[str, str]) -> None:
     tmp.replace(graph)
 
 
-def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
+def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, sat_args: str | None = None, **kwargs) -> dict:
     """Read any supported checkpoint directory and export it (see :func:`export`)."""
-    _, config, state, tok = load_checkpoint(src, progress=kwargs.get("progress", True))
+    _, config, state, tok = load_checkpoint(src, progress=kwargs.get("progress", True), sat_args=sat_args)
     return export(config, state, out, tokenizer=tok, **kwargs)

@@ -101,7 +101,7 @@ def op_table(opset: int, quantized: bool) -> OpTable:
 # ----------------------------------------------------------------- translations (onnxscript)
 def translation_table(opset: int) -> dict:
     """``custom_translation_table`` for ``torch.onnx.export``: each marker -> its operator."""
-    import onnxscript  # the exporter's own dependency (the onnx extra)
+    import onnxscript  # the exporter's own dependency, imported where used
 
     op = onnxscript.values.Opset("", opset)
     qnode = marker_node()

@@ -33,7 +33,7 @@ ACCURACY_LEVEL = 4  # int8 activations
 
 
 def _marker_schema():
-    from onnx.defs import OpSchema  # optional dependency (the onnx extra), as below
+    from onnx.defs import OpSchema  # heavy: imported where used (a plain glmrt command never loads it), as below
 
     param = OpSchema.FormalParameter
     return OpSchema(MARKER_OP, MARKER_DOMAIN, 1,

@@ -15,7 +15,7 @@ from glm_runtime.core.registry import get_backend
 from glm_runtime.core.schema import arg_type, integer, number
 from glm_runtime.core.tokenizer import Tokenizer
 
-from .common import RANKS, add_backend_args, read_run_config
+from .common import RANKS, add_backend_args, read_run_config, show_progress
 
 NAME = "generate"
 HELP = "generate text with a GLM model on the selected backend"
@@ -92,7 +92,8 @@ def run(args) -> int:
     model_dir = args.model or run_cfg.model or default_model()
     b = get_backend(args.backend, run_cfg.backend, needs_graph=args.tp * args.pp > 1)
     with weights_check(not args.no_check_weights):
-        m = load_model(model_dir, backend=b, strict_ops=args.strict_ops, tp=args.tp, pp=args.pp)
+        m = load_model(model_dir, backend=b, strict_ops=args.strict_ops, tp=args.tp, pp=args.pp,
+                       progress=show_progress())
     if getattr(m, "topo", None) is not None and m.topo.rank != 0:  # every rank decodes; rank 0 prints
         sys.stdout = open(os.devnull, "w")
     if args.ops:

@@ -91,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         prog = " ".join(("glmrt", _command_name(argv))).strip()
         print(f"{prog}: error: {one_line(e)} (see '{prog} --help')", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+    # --debug: the project's own debug logs (backend choice, cache hits, op tables); other
+    # libraries' stay at warnings (the ONNX exporter alone logs thousands of lines)
+    logging.basicConfig(level=logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.debug:
+        logging.getLogger("glm_runtime").setLevel(logging.DEBUG)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
