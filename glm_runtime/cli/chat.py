@@ -11,23 +11,26 @@ import sys
 
 from glm_runtime.core.chat import build_chat_ids, stop_ids
 from glm_runtime.core.errors import GLMError
+from glm_runtime.core.schema import arg_type, number
 from glm_runtime.serving.engine import Request, Sampling
 from glm_runtime.serving.load import EngineOptions, open_model, served
 
 from .common import add_backend_args
+from .generate import MAX_NEW_TOKENS, SEED, TOP_P
 
 NAME = "chat"
 HELP = "chat with a chat model in the terminal (streaming; /reset, /exit)"
 EXAMPLE = "glmrt chat ./glm-4-9b-chat --system 'You are concise.'"
+TEMPERATURE = arg_type(number(0, 2))  # 0: greedy
 
 
 def add_arguments(p):
     p.add_argument("model", help="checkpoint directory of a chat model (ChatGLM-6B, ChatGLM2/3, GLM-4)")
     p.add_argument("--system", help="a system prompt (ChatGLM3, GLM-4)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=MAX_NEW_TOKENS, default=512)
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=TOP_P, default=0.8)
+    p.add_argument("--seed", type=SEED, default=None)
     add_backend_args(p)
 
 

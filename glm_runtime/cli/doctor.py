@@ -26,6 +26,7 @@ import torch
 
 from glm_runtime.cli.bench_ops import run_benchmarks
 from glm_runtime.core.registry.selection import discover
+from glm_runtime.core.schema import arg_type, integer
 
 from .common import add_backend_args, select_backend
 
@@ -37,10 +38,10 @@ EXAMPLE = "glmrt doctor --backend NAME --bench"
 def add_arguments(p):
     add_backend_args(p)
     p.add_argument("--bench", action="store_true", help="time each op on the selected backend's device")
-    p.add_argument("--bench-tokens", type=int, default=2048, help="tokens per benchmark batch (default 2048)")
+    p.add_argument("--bench-tokens", type=arg_type(integer(1, 2**20)), default=2048, help="tokens per benchmark batch (default 2048)")
     p.add_argument("--bench-size", choices=("6b", "tiny"), default="6b",
                    help="6b: a 6B-class layer (default); tiny: a quick smoke run of the same code")
-    p.add_argument("--bench-iters", type=int, default=10, help="timed calls per op (median reported)")
+    p.add_argument("--bench-iters", type=arg_type(integer(1, 10**6)), default=10, help="timed calls per op (median reported)")
     p.add_argument("--bench-dtype", default=None, help="float16, bfloat16 or float32 (default: the backend's "
                                                       "first compute dtype)")
 

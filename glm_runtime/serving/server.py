@@ -22,7 +22,6 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -37,16 +36,17 @@ from glm_runtime.core.infilling import infill_prompt
 from glm_runtime.core.tokenizer import Tokenizer
 
 from . import tools as toolfmt
-from .engine import Engine, Event, QueueFull, Request as EngineRequest, Sampling
+from .engine import Engine, Event, QueueFull, Sampling
+from .engine import Request as EngineRequest
 from .load import Served
 
 log = logging.getLogger("glm_runtime.serving")
 
 COMPLETION_PARAMS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream",
-                     "logprobs", "n", "user", "stream_options", "presence_penalty", "frequency_penalty"}
+                     "logprobs", "n", "user", "stream_options", "presence_penalty", "frequency_penalty", "ignore_eos"}
 CHAT_PARAMS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
                "stop", "stream", "logprobs", "top_logprobs", "n", "user", "tools", "tool_choice", "stream_options",
-               "presence_penalty", "frequency_penalty", "parallel_tool_calls"}
+               "presence_penalty", "frequency_penalty", "parallel_tool_calls", "ignore_eos"}
 
 
 class APIError(Exception):
@@ -120,9 +120,13 @@ def sampling_of(body: dict, served: Served, max_key: str = "max_tokens", stop_id
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 8:
         raise APIError(400, "stop must be a non-empty string or a list of at most 8 of them", "stop")
     seed = _number(body, "seed", None, -(2 ** 63), 2 ** 63 - 1, integer=True)
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, f"ignore_eos must be true or false, got {json.dumps(ignore_eos)[:40]}", "ignore_eos")
     s = Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
                  top_p=_number(body, "top_p", 1.0, 1e-6, 1), top_k=_number(body, "top_k", 0, 0, None, integer=True),
-                 seed=None if seed is None else seed % 2 ** 63, stop_ids=frozenset(stop_ids_))
+                 seed=None if seed is None else seed % 2 ** 63,
+                 stop_ids=frozenset() if ignore_eos else frozenset(stop_ids_))
     return s, stops
 
 
