@@ -192,6 +192,33 @@ def test_batching_does_not_change_greedy_tokens(name):
     assert eng.running == 0 and eng.kv_bytes_in_use() == 0
 
 
+@pytest.mark.parametrize("name", ["tiny-glm-4", "tiny-chatglm-6b"])
+def test_a_burst_is_prefilled_together_with_the_same_tokens(name):
+    """8 prompts of one length arriving together are prefilled in batched calls (the
+    engine's prefill groups), beside 2 of other lengths; each still gets its tokens alone."""
+    cfg = preset(name, vocab_size=512, eos_token_ids=[2], pad_token_id=0, mask_token_id=300, gmask_token_id=301,
+                 smask_token_id=302, sop_token_id=303, eop_token_id=304)
+    st = random_state(cfg, 2)
+    st = {k: v * 10 if k.endswith("weight") and "norm" not in k else v for k, v in st.items()}
+    m = GLM(build_model(cfg, st, get_backend("cpu")), get_backend("cpu"))
+    g = torch.Generator().manual_seed(1)
+    tail = [301, 303] if cfg.attention == "prefix" else []
+    prompts = [torch.randint(5, 290, (n,), generator=g).tolist() + tail for n in [12] * 8 + [5, 20]]
+    alone = [m.generate([p], max_new_tokens=6, stop_token_ids=[])[0, len(p):].tolist() for p in prompts]
+    eng = Engine(m.model, cfg, max_num_seqs=10, max_tokens_per_step=64)
+    rows = []
+    prefill = eng.batch.prefill
+    eng.batch.prefill = lambda r, ids, *a, **k: rows.append(ids.shape[0]) or prefill(r, ids, *a, **k)
+    outs = [[] for _ in prompts]
+    for i, p in enumerate(prompts):
+        eng.submit(Request(p, Sampling(max_tokens=6, temperature=0),
+                           on_event=lambda e, i=i: e.token is not None and outs[i].append(e.token)))
+    while eng.busy():
+        eng.step()
+    assert outs == alone
+    assert max(rows) > 1  # the burst did run as batched calls
+
+
 def test_engine_limits_and_abort():
     cfg = preset("tiny-glm-4", vocab_size=512, eos_token_ids=[2], pad_token_id=0)
     m = GLM(build_model(cfg, None, get_backend("cpu")), get_backend("cpu"))

@@ -1,7 +1,7 @@
 """CPU kernels for the op contract (fp32).
 
 Where a faster CPU formulation than the reference's explicit math exists, it is used:
-``F.linear`` without dtype round trips, grouped-query attention without repeating K/V,
+oneDNN's GEMM for linears (``F.linear`` where gradients are needed), grouped-query attention without repeating K/V,
 ``F.rms_norm``. Ops whose reference is
 already the best plain-PyTorch form are adopted as they are, by name, so the op report
 shows them as the cpu backend's choice rather than a fallback.
@@ -14,12 +14,26 @@ import torch.nn.functional as F
 from glm_runtime.core.ops.derived import derived
 
 
+# oneDNN's fp32 GEMM (the op torch's own compiler lowers CPU linears to), when this torch
+# build has it. Measured on an AVX2 EPYC with 2 threads, a 98M-parameter model's linears:
+# as fast as MKL's best layout at one row (decode), 2.5x faster at 4 to 16 rows (batched
+# decode: MKL's small-M SGEMM is slow there) and 2x at 128-512 rows (prefill). It has no
+# autograd formula, so a linear whose inputs need gradients (training) runs F.linear.
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _needs_grad(x, weight) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def linear(x, weight, bias=None):
+    if ONEDNN_LINEAR and not _needs_grad(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 def lm_head(x, weight):
-    return F.linear(x, weight)
+    return linear(x, weight)
 
 
 def rms_norm(x, weight, eps):

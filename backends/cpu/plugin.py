@@ -12,6 +12,8 @@ from glm_runtime.core.registry import Backend, Capabilities, Check, Probe, hooki
 from . import kernels, quant_kernels
 
 FP32 = frozenset({torch.float32})
+LINEAR_IMPL = ("oneDNN GEMM (F.linear where gradients are needed)" if kernels.ONEDNN_LINEAR else
+               "F.linear (MKL; this torch has no oneDNN)")
 
 
 class CPUBackend(Backend):
@@ -36,8 +38,8 @@ class CPUBackend(Backend):
     def kernels(self) -> dict[str, Kernel]:
         return {
             "embedding": Kernel(kernels.embedding, FP32, "F.embedding"),
-            "linear": Kernel(kernels.linear, FP32, "F.linear"),
-            "lm_head": Kernel(kernels.lm_head, FP32, "F.linear"),
+            "linear": Kernel(kernels.linear, FP32, LINEAR_IMPL),
+            "lm_head": Kernel(kernels.lm_head, FP32, LINEAR_IMPL),
             "layer_norm": Kernel(kernels.layer_norm, FP32, "F.layer_norm"),
             "rms_norm": Kernel(kernels.rms_norm, FP32, "F.rms_norm"),
             "attention": Kernel(kernels.attention, FP32, "grouped-query matmul attention, fp32 softmax"),
@@ -50,13 +52,15 @@ class CPUBackend(Backend):
         }
 
     def prepare_parameter(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Store matrices of linears as [in, out] in memory, seen as the [out, in] view.
-
-        ``F.linear`` on that view runs MKL's GEMV over contiguous rows of the transposed
-        matrix: measured at the streaming-read bandwidth (13.7 GB/s on one core here)
-        against 3-5 GB/s for the [out, in] layout, which is what bounds decoding. The
+        """Without oneDNN (:data:`kernels.ONEDNN_LINEAR`), store matrices of linears as
+        [in, out] in memory, seen as the [out, in] view: ``F.linear`` on that view runs
+        MKL's GEMV over contiguous rows of the transposed matrix, measured at the
+        streaming-read bandwidth against 3-5 GB/s for the [out, in] layout, which is what
+        bounds decoding. oneDNN reads the [out, in] layout best, so it is kept then. The
         embedding table keeps rows contiguous (it is gathered by row).
         """
+        if kernels.ONEDNN_LINEAR:
+            return tensor
         if tensor.dim() == 2 and tensor.is_floating_point() and name != "embed.weight":
             return tensor.t().contiguous().t()
         return tensor
