@@ -6,10 +6,15 @@ a reader. Adding a format means adding one line to :data:`FORMATS`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from glm_runtime.core.build import check_finite as check_finite_values
 from glm_runtime.core.build import check_finite_wanted
+from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import CheckpointError
 
 from . import chatglm, hf, native, sat
@@ -55,5 +60,42 @@ def load_checkpoint(path: str | os.PathLike, progress: bool = False, sat_args: s
     native.check_state(config, state, path)
     if check_finite_wanted() if check_finite is None else check_finite:
         check_finite_values(state, path)
-    tok = next((path / t for t in TOKENIZER_FILES if (path / t).is_file()), None)
-    return fmt, config, state, tok
+    return fmt, config, state, _tokenizer(path)
+
+
+def _tokenizer(path: Path) -> Path | None:
+    return next((path / t for t in TOKENIZER_FILES if (path / t).is_file()), None)
+
+
+@dataclass
+class Parts:
+    """A checkpoint opened for reading parts of its tensors (a rank's shards)."""
+
+    format: str
+    config: GLMConfig
+    tensors: dict[str, torch.Tensor]
+    """Every tensor's shape and dtype (meta tensors where the data is not read yet)."""
+    read: Callable[[str, int | None, int | None, int | None], torch.Tensor]
+    """``read(key, dim, start, stop)``: entries [start, stop) along ``dim`` (None: all)."""
+    tokenizer: Path | None
+
+
+def open_parts(path: str | os.PathLike, progress: bool = False) -> Parts:
+    """Open a checkpoint so that a caller reads only the parts of tensors it keeps.
+
+    A native checkpoint is read straight from its safetensors file, slice by slice, so a
+    rank of a tensor-parallel job never holds more than its shards. Other formats are
+    converted on reading (fused and renamed tensors), so they are read whole first and
+    then cut: convert them to the native format once to load them in parts. Weights are
+    not checked for NaN/inf here: the caller checks the parts it reads."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "native":
+        config, file = native.open_parts(path)
+        native.check_state(config, file.tensors, path)
+        return Parts(fmt, config, file.tensors, file.read, _tokenizer(path))
+    _, config, state, tok = load_checkpoint(path, progress=progress, check_finite=False)
+
+    def read(key, dim=None, start=None, stop=None):
+        return state[key] if dim is None else state[key].narrow(dim, start, stop - start)
+    return Parts(fmt, config, state, read, tok)

@@ -27,7 +27,7 @@ from glm_runtime.core.errors import CheckpointError, GLMError
 from glm_runtime.core.files import try_lock
 from glm_runtime.core.model import parameter_shapes
 
-from .tensor_io import read_config_json, read_safetensors
+from .tensor_io import SafetensorsParts, read_config_json, read_safetensors
 
 FORMAT_TAG = "glm-runtime/1"
 CONFIG = "config.json"
@@ -220,13 +220,20 @@ def save(dst: str | os.PathLike, config: GLMConfig, state: dict[str, torch.Tenso
     return Path(dst)
 
 
-def load(path: str | os.PathLike) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
+def read_config(path: str | os.PathLike) -> GLMConfig:
     path = Path(path)
     d = read_config_json(path)
     d.pop("format", None)
-    config = GLMConfig.from_dict(d, source=str(path / CONFIG))
-    state = read_safetensors(path / WEIGHTS)
-    return config, state
+    return GLMConfig.from_dict(d, source=str(path / CONFIG))
+
+
+def load(path: str | os.PathLike) -> tuple[GLMConfig, dict[str, torch.Tensor]]:
+    return read_config(path), read_safetensors(Path(path) / WEIGHTS)
+
+
+def open_parts(path: str | os.PathLike) -> tuple[GLMConfig, SafetensorsParts]:
+    """The config and the weights as a file read part by part (see :class:`SafetensorsParts`)."""
+    return read_config(path), SafetensorsParts(Path(path) / WEIGHTS)
 
 
 def check_state(config: GLMConfig, state: dict[str, torch.Tensor], source: str | os.PathLike) -> None:

@@ -10,7 +10,7 @@ from dataclasses import MISSING
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from glm_runtime.core.config import GLMConfig
@@ -26,6 +26,52 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"not a readable safetensors file (truncated or corrupt?): {e}", path) from None
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SafetensorsParts:
+    """A safetensors file read one part of a tensor at a time (a rank's shard of it).
+
+    :attr:`tensors` gives every tensor's shape and dtype as a meta tensor (no data);
+    :meth:`read` copies out one slice. The file is opened (memory-mapped) for each read and
+    closed after it: mapped pages that a read touched count in the process's resident
+    memory for as long as the mapping lives, and a column slice touches every row of its
+    tensor, so one mapping held for the whole load would make each rank's peak memory the
+    file's size, which is what reading parts is for avoiding.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise CheckpointError("weights file not found", path)
+        self.tensors: dict[str, torch.Tensor] = {}
+        with self._open() as h:
+            for k in h.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                sl = h.get_slice(k)
+                dtype = _DTYPES.get(sl.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"{k} has dtype {sl.get_dtype()}, which no GLM weight has", path)
+                self.tensors[k] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+
+    def _open(self):
+        try:
+            return safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"not a readable safetensors file (truncated or corrupt?): {e}", self.path) from None
+
+    def read(self, key: str, dim: int | None = None, start: int | None = None, stop: int | None = None):
+        """Entries [start, stop) of tensor ``key`` along ``dim`` (``dim`` None: all of it)."""
+        with self._open() as h:
+            try:
+                if dim is None:
+                    return h.get_tensor(key)
+                return h.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+            except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"cannot read {key}: {e}", self.path) from None
 
 
 def read_pickle(path: Path) -> dict:

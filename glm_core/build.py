@@ -2,8 +2,9 @@
 
 The graph is instantiated on the meta device (no memory, no initialisation) and the
 weights are then assigned into it, so a model costs exactly the memory of its weights.
-Everything that builds a model goes through :func:`materialize`: the backends through
-:func:`build_model`, the ONNX exporter through :func:`reference_model`.
+Everything that builds a model goes through :func:`skeleton` and :func:`assign`: the
+backends through :func:`build_model`, the ONNX exporter through :func:`reference_model`, a
+rank of a parallel job with its own part of the weights only.
 """
 from __future__ import annotations
 
@@ -43,20 +44,30 @@ def storage_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     return torch.float32
 
 
-def materialize(config: GLMConfig, state: dict[str, torch.Tensor], ops: OpTable, dtype: torch.dtype,
-                device: torch.device, prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> GLMModel:
-    """The graph of ``config`` on ``ops`` holding ``state`` (every key, checked), its float
-    tensors cast to ``dtype`` and moved to ``device``; ``prepare(key, tensor)`` gives each
-    tensor the layout its kernels want (:meth:`Backend.prepare_parameter`)."""
+def skeleton(config: GLMConfig, ops: OpTable, dtype: torch.dtype) -> GLMModel:
+    """The graph of ``config`` on the meta device: shapes and names, no memory."""
     with torch.device("meta"):
-        model = GLMModel(config, ops, dtype=dtype)
+        return GLMModel(config, ops, dtype=dtype)
+
+
+def assign(model: GLMModel, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+           prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> GLMModel:
+    """Put ``state`` (every key of ``model``'s state dict, checked) into a skeleton: float
+    tensors cast to ``dtype``, all moved to ``device``, and ``prepare(key, tensor)`` giving
+    each the layout its kernels want (:meth:`Backend.prepare_parameter`)."""
     placed = {}
     for k, v in state.items():
         v = v.to(device) if keeps_stored_dtype(k, v) else v.to(device=device, dtype=dtype)
         placed[k] = prepare(k, v) if prepare is not None else v
     model.load_state_dict(placed, strict=True, assign=True)
-    model.rotary = Rotary(config, device=device)  # a non-persistent buffer: built on meta above, not loaded
+    model.rotary = Rotary(model.config, device=device)  # a non-persistent buffer: built on meta, not loaded
     return model
+
+
+def materialize(config: GLMConfig, state: dict[str, torch.Tensor], ops: OpTable, dtype: torch.dtype,
+                device: torch.device, prepare: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> GLMModel:
+    """The graph of ``config`` on ``ops`` holding ``state``: :func:`assign` into a :func:`skeleton`."""
+    return assign(skeleton(config, ops, dtype), state, dtype, device, prepare)
 
 
 def build_model(config: GLMConfig, state: dict[str, torch.Tensor] | None, backend: Backend,

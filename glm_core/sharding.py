@@ -23,6 +23,7 @@ The gated first MLP projection ``[A | G]`` is split per half, rank r holding
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -70,30 +71,38 @@ def kv_groups_of(config: GLMConfig, tp: int, r: int) -> list[int]:
     return [r // (tp // g)]
 
 
-def qkv_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
-    """Rows of the fused QKV projection that rank r holds, in its local layout."""
+def qkv_ranges(config: GLMConfig, tp: int, r: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) of the fused QKV projection that rank r holds, in the order
+    of its local layout (its query heads, then the K and V rows of the KV groups they use)."""
     c, d = config, config.head_dim
     hl = c.num_heads // tp
     if c.qkv_layout == "per_head":
-        return torch.arange(r * hl * 3 * d, (r + 1) * hl * 3 * d)
-    q = torch.arange(r * hl * d, (r + 1) * hl * d)
-    groups = kv_groups_of(c, tp, r)
-    k = torch.cat([torch.arange(c.q_size + j * d, c.q_size + (j + 1) * d) for j in groups])
-    v = k + c.kv_size
-    return torch.cat((q, k, v))
+        return [(r * hl * 3 * d, (r + 1) * hl * 3 * d)]
+    groups = kv_groups_of(c, tp, r)  # consecutive
+    k = (c.q_size + groups[0] * d, c.q_size + (groups[-1] + 1) * d)
+    return [(r * hl * d, (r + 1) * hl * d), k, (k[0] + c.kv_size, k[1] + c.kv_size)]
 
 
-def fc1_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
+def fc1_ranges(config: GLMConfig, tp: int, r: int) -> list[tuple[int, int]]:
     f = config.ffn_hidden_size
     fl = f // tp
-    a = torch.arange(r * fl, (r + 1) * fl)
-    return torch.cat((a, a + f)) if config.gated else a
+    a = (r * fl, (r + 1) * fl)
+    return [a, (a[0] + f, a[1] + f)] if config.gated else [a]
 
 
-def split_kind(key: str, full: torch.Tensor | None = None):
+def qkv_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
+    """Rows of the fused QKV projection that rank r holds, in its local layout."""
+    return _rows(qkv_ranges(config, tp, r))
+
+
+def _rows(ranges: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.cat([torch.arange(a, b) for a, b in ranges])
+
+
+def split_kind(key: str, ndim: int | None = None):
     """(how, dim) for a native key: how in {vocab, qkv, fc1, cols, replicated}. A row-parallel
     linear's scales are replicated when per output row and split like its columns when
-    block-wise (2-D; ``full`` tells which)."""
+    block-wise (2-D; ``ndim``, the tensor's number of dimensions, tells which)."""
     if key in ("embed.weight", "lm_head.weight", "lm_head.qweight", "lm_head.scale"):
         return "vocab", 0
     m = re.search(r"\.(attn\.qkv|attn\.dense|mlp\.fc1|mlp\.fc2)\.(weight|qweight|bias|scale)$", key)
@@ -104,38 +113,59 @@ def split_kind(key: str, full: torch.Tensor | None = None):
         return "qkv", 0
     if mod == "mlp.fc1":
         return "fc1", 0
-    if p in ("weight", "qweight") or (p == "scale" and full is not None and full.dim() == 2):
+    if p in ("weight", "qweight") or (p == "scale" and ndim == 2):
         return "cols", 1
     return "replicated", None
 
 
-def _index(how: str, config: GLMConfig, tp: int, r: int, full_len: int) -> torch.Tensor:
+def ranges(how: str, config: GLMConfig, tp: int, r: int, full_len: int) -> list[tuple[int, int]]:
+    """The index ranges [start, stop) along the split dimension that rank r holds of a
+    tensor split ``how`` whose split dimension has ``full_len`` entries (the padded
+    vocabulary's rows for ``vocab``: rows beyond ``full_len`` are zero padding)."""
     if how == "qkv":
-        return qkv_rows(config, tp, r)
+        return qkv_ranges(config, tp, r)
     if how == "fc1":
-        return fc1_rows(config, tp, r)
-    n = full_len // tp
-    return torch.arange(r * n, (r + 1) * n)
+        return fc1_ranges(config, tp, r)
+    n = (padded_vocab(full_len, tp) if how == "vocab" else full_len) // tp
+    return [(r * n, (r + 1) * n)]
+
+
+Read = Callable[[int | None, int | None, int | None], torch.Tensor]
+"""``read(dim, start, stop)``: entries [start, stop) of a stored tensor along ``dim``;
+``read(None, None, None)``: the whole tensor."""
+
+
+def local_part(key: str, shape: tuple[int, ...], config: GLMConfig, tp: int, r: int, read: Read) -> torch.Tensor:
+    """Rank r's part of the tensor ``key`` (a native checkpoint key) of ``shape``, read
+    through ``read`` one contiguous range at a time: from a whole tensor in memory
+    (:func:`shard`) or straight from a file, so that a rank never holds more than its part.
+    Every split of the project is this function."""
+    how, dim = split_kind(key, len(shape))
+    if how == "replicated" or tp == 1:
+        return read(None, None, None)
+    parts = []
+    for a, b in ranges(how, config, tp, r, shape[dim]):
+        stored = min(b, shape[dim])
+        if stored > a:
+            parts.append(read(dim, a, stored))
+        if b > max(a, stored):  # vocabulary padding rows
+            pad = list(shape)
+            pad[dim] = b - max(a, stored)
+            parts.append((parts[0] if parts else read(dim, 0, 0)).new_zeros(pad))
+    return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def shard(key: str, full: torch.Tensor, config: GLMConfig, tp: int, r: int) -> torch.Tensor:
     """Rank r's part of the full tensor ``key`` (a native checkpoint key)."""
-    how, dim = split_kind(key, full)
-    if how == "replicated" or tp == 1:
+    if tp == 1 or split_kind(key, full.dim())[0] == "replicated":
         return full
-    if how == "vocab":
-        vp = padded_vocab(full.shape[0], tp)
-        if vp != full.shape[0]:
-            full = torch.cat((full, full.new_zeros(vp - full.shape[0], *full.shape[1:])))
-        n = vp // tp
-        return full[r * n:(r + 1) * n].clone()
-    return full.index_select(dim, _index(how, config, tp, r, full.shape[dim])).clone()
+    return local_part(key, tuple(full.shape), config, tp, r, lambda dim, a, b: full.narrow(dim, a, b - a))
 
 
 def unshard(key: str, pieces: list[torch.Tensor], config: GLMConfig, tp: int) -> torch.Tensor:
     """Inverse of :func:`shard` from every rank's piece (replicated KV groups: rank order wins,
     copies are equal)."""
-    how, dim = split_kind(key, pieces[0])
+    how, dim = split_kind(key, pieces[0].dim())
     if how == "replicated" or tp == 1:
         return pieces[0]
     if how == "vocab":
@@ -146,5 +176,5 @@ def unshard(key: str, pieces: list[torch.Tensor], config: GLMConfig, tp: int) ->
             "fc1": config.ffn_hidden_size * (2 if config.gated else 1)}[how]
     full = pieces[0].new_empty(rows, *pieces[0].shape[1:])
     for r, p in enumerate(pieces):
-        full[_index(how, config, tp, r, rows)] = p
+        full[_rows(ranges(how, config, tp, r, rows))] = p
     return full

@@ -15,20 +15,22 @@ one rank of a launched job.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from glm_runtime.converters.detect import load_checkpoint
-from glm_runtime.core.build import build_model
+from glm_runtime.converters.detect import load_checkpoint, open_parts
+from glm_runtime.core.build import build_model, check_finite, check_finite_wanted, op_table, skeleton, storage_dtype
 from glm_runtime.core.config import GLMConfig
 from glm_runtime.core.errors import GLMError
 from glm_runtime.core.generation import SamplingConfig, generate
 from glm_runtime.core.masks import prefill_inputs
 from glm_runtime.core.model import GLMModel
 from glm_runtime.core.registry import Backend, get_backend
+from glm_runtime.core.sharding import local_part
 from glm_runtime.parallel.bootstrap import current, under_launcher
 from glm_runtime.parallel.model import ParallelModel
 from glm_runtime.parallel.topology import get_topology, rank_of
@@ -160,10 +162,11 @@ def load_parallel(path, backend=None, tp: int = 1, pp: int = 1, dp: int | None =
                   progress: bool = False, ends_lighter: bool = False) -> ParallelGLM:
     """``load_model`` inside a launched job: bootstrap, shard, and the model object.
 
-    Every rank reads the checkpoint, keeps its shard (the full model is built on the host
-    first: sharded checkpoints are future work) and gets a :class:`ParallelGLM` whose
-    ``m(ids)`` returns the full logits and whose ``m.generate(...)`` returns the same tokens
-    on every rank.
+    Each rank builds its part of the graph on the meta device and reads only its parts of
+    the weights (:func:`glm_runtime.converters.detect.open_parts`: slices of a native
+    checkpoint's file; other formats are read whole, then cut), checks them for NaN/inf
+    and gets a :class:`ParallelGLM` whose ``m(ids)`` returns the full logits and whose
+    ``m.generate(...)`` returns the same tokens on every rank.
     """
     b = backend if isinstance(backend, Backend) else get_backend(backend, needs_graph=True)
     if b.runs_own_graph:
@@ -174,7 +177,14 @@ def load_parallel(path, backend=None, tp: int = 1, pp: int = 1, dp: int | None =
             raise GLMError(f"{name} must be a positive integer, got {v!r}")
     topo = get_topology(tp, pp, dp, b)
     ctx = current()
-    _, config, state, tok = load_checkpoint(path, progress=progress and topo.rank == 0)
-    model = build_model(config, state, b, strict_ops, local_rank=ctx.info.local_rank)
-    pm = ParallelModel(model, topo, ends_lighter, b).eval()
-    return ParallelGLM(pm, b, None if tok is None else str(tok), source=os.fspath(path))
+    ck = open_parts(path, progress=progress and topo.rank == 0)
+    config = ck.config
+    dtype = b.compute_dtype(storage_dtype(ck.tensors))
+    pm = ParallelModel(skeleton(config, op_table(b, config, dtype, strict_ops), dtype), topo, ends_lighter)
+    parts = {name: local_part(key, tuple(ck.tensors[key].shape), config, topo.tp, topo.tp_rank,
+                              functools.partial(ck.read, key))
+             for name, key in pm.checkpoint_keys().items()}
+    if check_finite_wanted():
+        check_finite(parts, path)
+    pm.assign_parts(parts, dtype, b.device(ctx.info.local_rank), b.prepare_parameter).eval()
+    return ParallelGLM(pm, b, None if ck.tokenizer is None else str(ck.tokenizer), source=os.fspath(path))

@@ -2,7 +2,8 @@
 
 :class:`ParallelModel` *is* a :class:`~glm_runtime.core.model.GLMModel`, with the same
 forward and the same parameter names (the native checkpoint keys), made from a whole model
-torchtitan-style: the other stages' layers are removed (layers stay keyed by their global
+torchtitan-style (a meta skeleton when the rank reads only its parts of a checkpoint,
+:meth:`assign_parts`): the other stages' layers are removed (layers stay keyed by their global
 id), the embedding goes on every stage but the first and the final norm and head on
 every stage but the last, and each linear, the embedding and the head is swapped for its
 tensor-parallel version (:mod:`glm_runtime.parallel.tensor`). A stage's own forward is
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from glm_runtime.core import sharding
+from glm_runtime.core.build import assign
 from glm_runtime.core.model import GLMModel, Layers
 
 from . import tensor as tpar
@@ -84,6 +86,22 @@ class ParallelModel(GLMModel):
     @property
     def device(self) -> torch.device:
         return self._device
+
+    # ------------------------------------------------------------------ loading
+    def checkpoint_keys(self) -> dict[str, str]:
+        """This rank's state-dict names, each with the checkpoint key its part is cut from
+        (the last stage's copy of a tied embedding is cut from ``embed.weight``)."""
+        tied = self.config.tie_word_embeddings
+        return {name: "embed.weight" if tied and name == "lm_head.weight" else name
+                for name in self.state_dict(keep_vars=True)}
+
+    def assign_parts(self, parts: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                     prepare=None) -> ParallelModel:
+        """Fill a rank built from a meta skeleton with its parts of the weights (keyed as
+        :meth:`checkpoint_keys`), so that no rank ever holds the whole model."""
+        assign(self, parts, dtype, device, prepare)
+        self._dtype, self._device = dtype, device
+        return self
 
     # ------------------------------------------------------------------ forward
     def stage_forward(self, x, position_ids, mask, cache=None, start: int = 0, logits_index=None):

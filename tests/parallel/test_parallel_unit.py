@@ -95,6 +95,38 @@ def test_shard_unshard_round_trip(name, tp):
         assert torch.equal(sharding.unshard(key, pieces, cfg, tp), full), key
 
 
+@pytest.mark.parametrize("name, tp, scheme", [("tiny-chatglm2", 4, None), ("tiny-glm-4", 2, "int4"),
+                                              ("tiny-glm-130b", 2, "int8"), ("tiny-chatglm-6b", 4, None)])
+def test_parts_read_from_a_native_file_are_the_shards(tmp_path, name, tp, scheme):
+    """A rank loading a native checkpoint reads each tensor's part straight from the file
+    (contiguous slices, padding added): the same tensors as cutting the whole tensor, and
+    no more bytes than the parts (replicated norms and biases aside)."""
+    from glm_runtime.converters import native
+    from glm_runtime.converters.detect import open_parts
+    from glm_runtime.converters.quantize import quantize_scheme
+
+    cfg = preset(name, vocab_size=1003, eos_token_ids=[2], pad_token_id=0)
+    state = random_state(cfg, seed=1)
+    if scheme:
+        cfg, state = quantize_scheme(cfg, state, int(scheme[3:]), "fast")
+    native.save(tmp_path / "ckpt", cfg, state)
+    ck = open_parts(tmp_path / "ckpt")
+    read_bytes = []
+
+    def read(key, *where):
+        t = ck.read(key, *where)
+        read_bytes.append(t.numel() * t.element_size())
+        return t
+    for r in range(tp):
+        read_bytes.clear()
+        for key, full in state.items():
+            part = sharding.local_part(key, tuple(ck.tensors[key].shape), cfg, tp, r, lambda *w, k=key: read(k, *w))
+            want = sharding.shard(key, full, cfg, tp, r)
+            assert part.dtype == want.dtype and torch.equal(part, want), key
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        assert sum(read_bytes) < total / tp * 1.15, (sum(read_bytes), total)
+
+
 def test_blocked_qkv_split_gives_each_rank_its_heads_and_their_kv_group():
     """With 4 query heads, 2 KV groups and tp=4, rank r holds head r and group r // 2."""
     cfg = preset("tiny-chatglm2")
