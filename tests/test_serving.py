@@ -325,6 +325,7 @@ def test_queue_full_is_429_and_a_dropped_stream_frees_its_slot(glm4_servers):
             break
         time.sleep(0.05)
     assert s.metric("glm_requests_running") == 0 and s.metric("glm_kv_cache_bytes_in_use") == 0
+    assert s.metric('glm_requests_total{finish_reason="abort"}') == 2
 
 
 @pytest.mark.parametrize("body,status,needle", [

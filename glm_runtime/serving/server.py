@@ -160,8 +160,10 @@ class Generation:
         metrics.prompt_tokens.inc(len(prompt))
 
     def abort(self) -> None:
-        if self.finish_reason is None:
+        if self.finish_reason is None:  # the client went away before the end
             self.served.engine.abort(self.req)
+            self.finish_reason = "abort"
+            self.metrics.requests.labels("abort").inc()
 
     async def deltas(self):
         """Yield (text delta, logprob records) until the sequence ends."""
@@ -182,6 +184,7 @@ class Generation:
             if e.finish_reason is not None and self.finish_reason is None:
                 if e.finish_reason == "error":
                     self.finish_reason = "error"
+                    self.metrics.requests.labels("error").inc()
                     raise APIError(500, f"generation failed: {e.error}", kind="server_error")
                 self.finish_reason = e.finish_reason
             self.logprobs += new_lp
