@@ -662,7 +662,8 @@ def speed_transformers(ctx: Ctx, config, dtype, label: str) -> dict:
     m, facts = hf_model(config, dtype, ctx.device)
     rec = {"facts": facts}
     ctx.working(f"transformers {label}", rec)
-    r = ctx.attempt(f"transformers {label} prefill", lambda: hf_prefill(ctx, m, config.vocab_size, ctx.plan.prefill_tokens))
+    r = ctx.attempt(f"transformers {label} prefill",
+                    lambda: hf_prefill(ctx, m, config.vocab_size, ctx.plan.prefill_tokens))
     if r is not None:
         rec["prefill"] = r
         if "error" not in r:
