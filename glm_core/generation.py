@@ -5,7 +5,9 @@ batch whose rows advance together, and the serving engine runs it for sequences 
 start, advance and stop independently, each in its own row ("slot") of the cache. A step
 allocates nothing: tokens, positions, write positions and the attention mask live in
 buffers made once, and the step reads views of them (fixed shapes when asked: the whole
-cache width and a fixed row count, what a captured CUDA graph needs).
+cache width and a fixed row count, what a captured CUDA graph needs). A batch may opt in to
+running its fixed-shape steps as records made through the backend's capture hook
+(:meth:`DecodeBatch.capture_with`).
 
 Semantics follow transformers' ``generate`` so results can be compared token for token:
 logits processing order is temperature, top-k, top-p; a row that emitted a stop token
@@ -13,6 +15,7 @@ keeps emitting the pad token; generation ends early when every row has stopped.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -82,6 +85,12 @@ class DecodeBatch:
     padding of a ``generate`` batch is not). :meth:`prefill` runs a prompt (or a chunk of
     one) into some rows, :meth:`begin_decode` sets their next positions, and :meth:`step`
     feeds one token to each of rows 0..n-1 and returns the next logits.
+
+    A step is two parts: :meth:`_feed` writes the tokens, keys and values at the rows'
+    current lengths and computes the logits, without moving the lengths (running it twice
+    is running it once, which is what lets a capture warm it up); then the lengths and
+    positions advance. With :meth:`capture_with`, a fixed-shape step's first part is a
+    replayed record.
     """
 
     def __init__(self, model, rows: int, max_len: int):
@@ -98,6 +107,8 @@ class DecodeBatch:
         self.host_length = [0] * rows  # the same lengths on the host: a step is sized without a sync
         self.aligned = False  # rows advance together (a generate batch): one slice write, no per-row index
         self.unpadded = False  # and none has padding: no mask at all
+        self._capture: Callable | None = None  # the backend's capture hook, once opted in
+        self._records: dict[int, Callable | None] = {}  # row count -> its record (None: the backend made none)
 
     def prefill(self, rows: slice, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, start: int = 0,
                 real: torch.Tensor | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,14 +128,48 @@ class DecodeBatch:
         self.next_pos[rows] = state.next_pos
         self.inc[rows] = state.inc
 
+    def capture_with(self, backend) -> None:
+        """Opt in to recorded decode steps: from now on the first part of a fixed-shape step
+        of ``n`` rows is a record made through ``backend.capture`` (:meth:`Backend.capture
+        <glm_runtime.core.registry.backend.Backend.capture>`) at the first such step, one
+        record per row count, replayed at every later one. The logits such a step returns
+        are the record's output buffer: valid until the next step. A backend that does not
+        capture leaves the steps as they are, with the same results."""
+        self._capture = backend.capture
+        self._records = {}
+
+    @property
+    def recorded_rows(self) -> list[int]:
+        """The row counts whose fixed-shape step runs as a record (not as plain calls)."""
+        return sorted(n for n, rec in self._records.items() if rec is not None)
+
     def step(self, n: int, tokens: torch.Tensor, fixed_shape: bool = False) -> torch.Tensor:
         """Feed ``tokens`` [n] to rows 0..n-1, each at its own next position, and return the
         logits [n, V]. ``fixed_shape`` attends over the whole cache (every step the same
         shapes) instead of the longest row's length."""
+        if max(self.host_length[:n]) >= self.max_len:
+            raise GLMError(f"the KV cache of {self.max_len} positions is full")
+        if fixed_shape and self._capture is not None:
+            logits = self._recorded(n, tokens)(tokens)
+        else:
+            logits = self._feed(n, tokens, fixed_shape)
+        self.length[:n] += 1
+        self.next_pos[:n] += self.inc[:n]
+        for r in range(n):
+            self.host_length[r] += 1
+        return logits
+
+    def _recorded(self, n: int, tokens: torch.Tensor) -> Callable:
+        feed = functools.partial(self._feed, n, fixed_shape=True)
+        if n not in self._records:
+            self._records[n] = self._capture(feed, (tokens,))
+        return self._records[n] or feed
+
+    def _feed(self, n: int, tokens: torch.Tensor, fixed_shape: bool) -> torch.Tensor:
+        """The step's device work up to the logits: it reads and writes the batch's own
+        buffers at the rows' current lengths and leaves the lengths alone (idempotent)."""
         lengths = self.host_length[:n]
         width = self.max_len if fixed_shape else max(lengths) + 1
-        if max(lengths) >= self.max_len:
-            raise GLMError(f"the KV cache of {self.max_len} positions is full")
         self.tokens[:n, 0] = tokens
         self.real[self._row_ids[:n], self.length[:n]] = True
         if self.aligned and not fixed_shape:
@@ -132,10 +177,6 @@ class DecodeBatch:
         else:
             start, mask = self.length[:n], self.real[:n, None, None, :width]
         logits = self.model(self.tokens[:n], self.next_pos[:n].unsqueeze(-1), mask, cache=self.cache, start=start)
-        self.length[:n] += 1
-        self.next_pos[:n] += self.inc[:n]
-        for r in range(n):
-            self.host_length[r] += 1
         return logits[:, -1]
 
     def reset(self, rows: slice) -> None:

@@ -5,6 +5,7 @@ import torch
 
 from glm_runtime.backends.triton.gpu_runtime import TorchGPUBackend, read_first_line
 from glm_runtime.core.registry import Check, hookimpl
+from glm_runtime.core.registry.capture import StaticCall
 
 
 class CUDABackend(TorchGPUBackend):
@@ -13,7 +14,8 @@ class CUDABackend(TorchGPUBackend):
     fp16 everywhere (tensor cores from sm_70), bf16 from sm_80 (Ampere); warp 32;
     collectives over NCCL. Kernels: Triton (norms, rotary, gated activations, INT8/INT4
     weight-only matmul, attention) with the sm_XX entry of the tuning table; GEMMs via
-    cuBLAS through ``F.linear``.
+    cuBLAS through ``F.linear``. Decode steps of fixed shape can be recorded as CUDA graphs
+    (:meth:`capture`).
     """
 
     name = "cuda"
@@ -24,6 +26,8 @@ class CUDABackend(TorchGPUBackend):
     visible_devices_env = "CUDA_VISIBLE_DEVICES"
     forward_env_prefixes = ("CUDA_", "NCCL_", "TORCH_NCCL_", "NVIDIA_")
     base_score = 100
+    #: runs of the function before it is recorded (see :meth:`capture`)
+    capture_warmup = 2
 
     def toolchain_version(self):
         return torch.version.cuda
@@ -43,6 +47,30 @@ class CUDABackend(TorchGPUBackend):
 
     def bf16_ok(self, arch, props):
         return props.major >= 8  # bf16 tensor-core math arrived with Ampere (sm_80)
+
+    def capture(self, fn, example_inputs):
+        """Record ``fn`` as a CUDA graph (``torch.cuda.CUDAGraph``) and return its replay
+        behind static buffers (:class:`~glm_runtime.core.registry.capture.StaticCall`).
+
+        ``fn`` first runs :attr:`capture_warmup` times on a side stream, as torch's CUDA
+        graph documentation prescribes: whatever initialises lazily (cuBLAS workspaces,
+        Triton's compilation and first launch of each kernel, the caching allocator's
+        blocks) must happen outside the recording, where it is not allowed. Then it is
+        recorded once; the graph keeps the memory of its intermediates and outputs in a
+        private pool of its own. Each call copies its arguments into the recorded inputs
+        and replays. Not yet run on a GPU by this project (docs/backends.md).
+        """
+        static = tuple(x.clone() for x in example_inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.capture_warmup):
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = fn(*static)
+        return StaticCall(static, outputs, graph.replay)
 
     def driver_checks(self):
         v = read_first_line("/proc/driver/nvidia/version")  # readable without touching the GPU

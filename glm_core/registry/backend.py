@@ -8,13 +8,14 @@ its capabilities, its kernels and its distributed backend name. A plugin subclas
 Everything here is used by the runtime; a plugin author implements what this class shows
 and nothing else. Required: :attr:`name` and :meth:`probe`. Optional, with the default
 stated on each: the other attributes, :meth:`capabilities`, :meth:`kernels`,
-:meth:`compute_dtype`, :meth:`prepare_parameter`, the runtime calls, :meth:`doctor`, and
-:meth:`load_runtime` for a backend that runs a graph of its own.
+:meth:`compute_dtype`, :meth:`prepare_parameter`, the runtime calls, :meth:`capture`,
+:meth:`doctor`, and :meth:`load_runtime` for a backend that runs a graph of its own.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -147,6 +148,26 @@ class Backend:
         ``torch.accelerator.synchronize``."""
         if self.device_type != "cpu":
             torch.accelerator.synchronize()
+
+    def capture(self, fn: Callable, example_inputs: tuple[torch.Tensor, ...]) -> Callable | None:
+        """Record ``fn`` for replay, or None: this backend does not capture (the default).
+
+        ``fn`` takes tensors shaped like ``example_inputs`` and returns a tensor (or a tuple
+        of them); it does device work only (no host synchronisation, the same shapes at
+        every call). A backend that records returns a callable with ``fn``'s signature and
+        results, normally a :class:`~glm_runtime.core.registry.capture.StaticCall`: its
+        arguments are copied into the buffers the record reads, and its results are the
+        same tensors at every call, overwritten by the next one. Recording may run ``fn``
+        a few times first (warm-up), side effects included, so the caller passes a
+        function whose repetition is harmless. :class:`~glm_runtime.core.generation.DecodeBatch`
+        captures its fixed-shape decode step through this hook.
+
+        Why None by default: a record pays only where launching work costs the host time
+        comparable to the work itself (a GPU driven by a Python loop). A host CPU backend
+        runs each op as it is called, and a device without a graph facility has nothing to
+        record; callers then run ``fn`` as it is, with the same results.
+        """
+        return None
 
     def doctor(self) -> list[Check]:
         """Versions and smoke checks, shown by ``glmrt doctor``."""

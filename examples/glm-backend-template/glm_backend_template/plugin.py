@@ -13,8 +13,9 @@ Porting to a new device means changing, in this file:
 
 Optional hooks you may add, each with its default on :class:`glm_runtime.Backend`:
 ``compute_dtype``, ``prepare_parameter`` (the memory layout your kernels want for a loaded
-weight), ``setup_process`` / ``synchronize`` (default ``torch.accelerator``), ``doctor``,
-and ``runs_own_graph`` + ``load_runtime`` for a backend that runs a whole graph of its own.
+weight), ``setup_process`` / ``synchronize`` (default ``torch.accelerator``), ``capture``
+(record a fixed-shape decode step for replay; default: none), ``doctor``, and
+``runs_own_graph`` + ``load_runtime`` for a backend that runs a whole graph of its own.
 
 Everything comes from the stable plugin API, ``glm_runtime``'s top-level names.
 """
