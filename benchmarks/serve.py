@@ -15,9 +15,10 @@ Goal on the 2-core CPU (docs/serving.md): 16 streams at least 4x one stream's th
 with time to first token p99 under 2 s.
 
     python benchmarks/serve.py [--streams 1 4 16 64] [--prompt 64] [--new 64] [--requests 2]
-                               [--workdir DIR] [--out docs/serve-speed]
+                               [--workdir DIR] [--out docs/serve-speed] [--update-docs]
 
-Writes ``<out>.json`` and ``<out>.png``.
+Writes ``<out>.json`` and ``<out>.png``; ``--update-docs`` also writes the table into
+docs/serving.md.
 """
 from __future__ import annotations
 
@@ -119,6 +120,29 @@ async def level(port: int, streams: int, requests: int, prompt_len: int, new: in
             "itl_p50": percentile(itl, 50), "itl_p99": percentile(itl, 99)}
 
 
+DOC = ROOT / "docs" / "serving.md"
+DOC_BEGIN, DOC_END = "<!-- serve-table:begin -->", "<!-- serve-table:end -->"
+
+
+def table(results: dict) -> str:
+    """The measured figures as the markdown table of docs/serving.md."""
+    lines = [f"{results['date']}, {results['threads']} threads, {results['cpu']}; prompt {results['prompt']}, "
+             f"output {results['new']} tokens per request:", "",
+             "| streams | output tokens/s | x one stream | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results["levels"]:
+        lines.append(f"| {r['streams']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {r['ttft_p50']:.2f} s | "
+                     f"{r['ttft_p99']:.2f} s | {r['itl_p50'] * 1e3:.0f} ms | {r['itl_p99'] * 1e3:.0f} ms |")
+    return "\n".join(lines)
+
+
+def update_doc(text: str) -> None:
+    doc = DOC.read_text()
+    head, rest = doc.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    DOC.write_text(f"{head}{DOC_BEGIN}\n{text}\n{DOC_END}{tail}")
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -164,6 +188,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--workdir", help="where decode.py's checkpoints are kept between runs (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "serve-speed"))
+    ap.add_argument("--update-docs", action="store_true", help="write the table into docs/serving.md")
     a = ap.parse_args()
     shape = MODELS["layers"]
     results = {"model": f"98M GLM-4-shaped (hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers), "
@@ -193,6 +218,9 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    if a.update_docs:
+        update_doc(table(results))
+        print(f"updated {DOC}")
     return 0
 
 

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from glm_runtime.core.errors import GLMError
-from glm_runtime.core.generation import DecodeBatch, SamplingConfig, next_tokens
+from glm_runtime.core.generation import DecodeBatch, SamplingConfig, check_finite, next_tokens
 from glm_runtime.core.masks import prefill_inputs
 
 log = logging.getLogger("glm_runtime.serving")
@@ -277,8 +277,10 @@ class Engine:
     def _emit(self, r: Request, logits: torch.Tensor) -> None:
         """Sample ``r``'s next token from its logits row, report it, and end it when due."""
         logits = logits.float()
-        if not bool(torch.isfinite(logits).all()):
-            self._end(r, "error", f"non-finite logits at generation step {len(r.generated)}")
+        try:
+            check_finite(logits, len(r.generated))
+        except GLMError as e:
+            self._end(r, "error", str(e))
             return
         s = r.sampling
         tok = int(next_tokens(logits[None], s.config(), r._gen)[0])
