@@ -83,6 +83,7 @@ except ImportError as e:
 from glm_runtime.api import GLM  # noqa: E402
 from glm_runtime.backends.cpu.plugin import CPUBackend  # noqa: E402
 from glm_runtime.backends.cuda.plugin import CUDABackend  # noqa: E402
+from glm_runtime.cli.bench_ops import median_time  # noqa: E402
 from glm_runtime.conformance.model_check import SMALL_TOKENS, kit_config, kit_prompt, kit_state  # noqa: E402
 from glm_runtime.conformance.target import DeviceView  # noqa: E402
 from glm_runtime.converters.hf import config_to_hf  # noqa: E402
@@ -252,20 +253,6 @@ class EagerRecordCPU(CPUBackend):
 
     def capture(self, fn, example_inputs):
         return eager_capture(fn, example_inputs, warmup=CUDABackend.capture_warmup)
-
-
-def median_time(fn, sync, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()``, each call fenced by ``sync()``, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def randn(shape, dtype, device, gen, std=1.0):

@@ -20,8 +20,10 @@ from glm_runtime.core.quant import quantize
 from glm_runtime.core.registry import kernels_for
 
 
-def _time(fn, sync, iters):
-    for _ in range(2):
+def median_time(fn, sync, warmup: int, iters: int) -> float:
+    """Median seconds of ``fn()``, each call fenced by ``sync()`` (the backend's
+    ``synchronize``), after ``warmup`` calls: timing that works on every backend."""
+    for _ in range(warmup):
         fn()
     sync()
     times = []
@@ -91,7 +93,7 @@ def run_benchmarks(backend, dtype: torch.dtype, tokens: int = 2048, iters: int =
         if k is None or not k.supports(dtype):
             out.append(f"  {op:<17} {label:<40} no kernel for {dtype} (reference fallback; not benchmarked)")
             continue
-        sec = _time(fn, backend.synchronize, iters)
+        sec = median_time(fn, backend.synchronize, 2, iters)
         gbs = nbytes / sec / 1e9
         tfl = flops / sec / 1e12
         parts = [f"{sec * 1e3:8.3f} ms", f"{gbs:8.3g} GB/s" + (f" ({gbs / peak_gbps:5.1%})" if peak_gbps else "")]
