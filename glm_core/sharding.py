@@ -9,7 +9,7 @@ Megatron's scheme: the fused QKV and the first MLP projection are split by outpu
 (column-parallel), the attention output and the second MLP projection by input columns
 (row-parallel), the embedding and output projection by vocabulary rows, padded to a
 multiple of the TP degree. Head splitting follows the checkpoint layouts of every family
-(see :func:`qkv_rows`):
+(see :func:`qkv_ranges`):
 
 * per-head interleaved ``[q_h; k_h; v_h]`` (GLM-130B, ChatGLM-6B): a contiguous block of
   whole heads per rank;
@@ -88,11 +88,6 @@ def fc1_ranges(config: GLMConfig, tp: int, r: int) -> list[tuple[int, int]]:
     fl = f // tp
     a = (r * fl, (r + 1) * fl)
     return [a, (a[0] + f, a[1] + f)] if config.gated else [a]
-
-
-def qkv_rows(config: GLMConfig, tp: int, r: int) -> torch.Tensor:
-    """Rows of the fused QKV projection that rank r holds, in its local layout."""
-    return _rows(qkv_ranges(config, tp, r))
 
 
 def _rows(ranges: list[tuple[int, int]]) -> torch.Tensor:

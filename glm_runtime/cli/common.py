@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glm_runtime.core.errors import GLMError
-from glm_runtime.core.files import read_text
+from glm_runtime.core.files import read_json, read_text
 from glm_runtime.core.registry import get_backend
 from glm_runtime.core.schema import OPTIONAL_TEXT, arg_type, check_fields, from_mapping, integer, spec
 
@@ -32,14 +32,9 @@ def read_config_file(path: str | Path, what: str = "config"):
     """A JSON or YAML file's value (YAML when PyYAML is installed; flat ``key: value`` lines
     are read without it), read with the size limit of any config."""
     f = Path(path)
-    text = read_text(f, what)
     if f.suffix == ".json":
-        try:
-            return json.loads(text)
-        except ValueError as e:  # JSONDecodeError, or an integer literal beyond Python's digit limit
-            raise GLMError(f"{what} file is not valid JSON ({str(e)[:200]})", f) from None
-        except RecursionError:
-            raise GLMError(f"{what} file is nested too deeply to be a {what}", f) from None
+        return read_json(f, what)
+    text = read_text(f, what)
     try:
         import yaml
     except ImportError:

@@ -86,9 +86,13 @@ class Metrics:
         self.kv_total.set(engine.kv_bytes_total())
 
 
+def error_body(e: APIError) -> dict:
+    """OpenAI's error object (a response body, or the last event of a failed stream)."""
+    return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
+
+
 def error_response(e: APIError) -> JSONResponse:
-    body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}}
-    return JSONResponse(body, status_code=e.status, headers=e.headers)
+    return JSONResponse(error_body(e), status_code=e.status, headers=e.headers)
 
 
 # ------------------------------------------------------------------ request parsing
@@ -247,11 +251,18 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
             raise APIError(400, "the request body must be a JSON object")
         return body
 
-    def check_model(body: dict, s: Served) -> None:
+    async def accept(request: Request, allowed: set, endpoint: str) -> tuple[dict, Served]:
+        """What every generation endpoint checks first: the key, a JSON object body with
+        only the endpoint's parameters, and the model's name; the body and what is served."""
+        authorize(request)
+        body = await body_of(request)
+        s = served()
+        _check_params(body, allowed, endpoint)
         name = body.get("model")
         if name is not None and name != s.name:
             raise APIError(404, f"model {name!r} does not exist (this server serves {s.name!r})", "model",
                            kind="not_found_error")
+        return body, s
 
     @app.get("/health")
     async def health():
@@ -275,11 +286,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = await body_of(request)
-        s = served()
-        _check_params(body, COMPLETION_PARAMS, "/v1/completions")
-        check_model(body, s)
+        body, s = await accept(request, COMPLETION_PARAMS, "/v1/completions")
         sampling, stops = sampling_of(body, s, stop_ids_=s.config.eos_token_ids)
         n_lp = _number(body, "logprobs", None, 0, 5, integer=True)
         if n_lp is not None:
@@ -289,11 +296,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
-        body = await body_of(request)
-        s = served()
-        _check_params(body, CHAT_PARAMS, "/v1/chat/completions")
-        check_model(body, s)
+        body, s = await accept(request, CHAT_PARAMS, "/v1/chat/completions")
         if s.chat is None:
             raise APIError(400, f"{s.name} is a base model without a chat format: use /v1/completions", "model")
         ids, funcs = chat_prompt(body, s)
@@ -365,7 +368,7 @@ def create_app(load: Callable[[], Served], api_key: str | None = None) -> FastAP
                                   "usage": usage})
             yield "[DONE]"
         except APIError as e:
-            yield json.dumps({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.status}})
+            yield json.dumps(error_body(e))
         finally:
             g.abort()  # a client that went away (the generator is cancelled) frees its slot
 

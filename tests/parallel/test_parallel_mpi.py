@@ -17,7 +17,6 @@ import pytest
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 BIN = Path(sys.executable).parent
-MPIEXEC = BIN / "mpiexec"
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +44,6 @@ def _check(p, results, expected: int):
     assert len(results) == expected, p.stdout[-3000:]
     for r in results:
         assert all(r.get(k, True) for k in ("logits", "tokens", "loss", "grads", "cache")), r
-
-
-@pytest.fixture(scope="module")
-def mpiexec():
-    if not MPIEXEC.exists():
-        pytest.skip("mpiexec is not installed in this environment (pip install glm-runtime[mpi])")
-    return MPIEXEC
 
 
 def test_grid_2_ranks_via_glmrt_launch_mpirun(mpiexec, tmp_path):

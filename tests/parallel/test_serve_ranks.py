@@ -129,10 +129,7 @@ def _rank_processes(root: int) -> list[int]:
     return sorted(p for p in below if "glmrt serve" in args[p] and not children.get(p))
 
 
-def test_tp2_server_under_mpiexec_answers_like_one_process(checkpoint):
-    mpiexec = BIN / "mpiexec"
-    if not mpiexec.exists():
-        pytest.skip("mpiexec is not installed in this environment (pip install glm-runtime[mpi])")
+def test_tp2_server_under_mpiexec_answers_like_one_process(mpiexec, checkpoint):
     ckpt, want = checkpoint
     job = Job([str(mpiexec), "-n", "2"], ckpt, "--tp", "2")
     try:
