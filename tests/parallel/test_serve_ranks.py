@@ -114,8 +114,9 @@ class Job:
 def _rank_processes(root: int) -> list[int]:
     """The ranks of a launched job: the processes below ``root`` running ``glmrt serve``
     with no child (the launcher's supervisors run it too, as their command line)."""
-    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True,
-                                                           text=True).stdout.splitlines()]
+    # -ww: whole command lines (ps cuts them at 80 columns when writing to a pipe)
+    table = subprocess.run(["ps", "-e", "-ww", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in table.splitlines()]
     children: dict[int, list[int]] = {}
     args = {}
     for pid, ppid, *cmd in rows:
