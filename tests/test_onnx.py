@@ -180,6 +180,56 @@ def test_export_metadata_and_op_report(pairs):
     assert "CPUExecutionProvider:" in rep and "MatMul" in rep
 
 
+def _op_types(onnx_dir):
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(onnx_dir / layout.GRAPH), load_external_data=False).graph.node}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fused_operators(pairs, name):
+    """Causal families: attention and the cache as GroupQueryAttention (no Concat of
+    caches, in-place metadata); prefix families keep Attention; every family's residual
+    adds are fused into its norms."""
+    p = pairs(name)
+    ops, meta = _op_types(p.onnx_dir), layout.read_export(p.onnx_dir).meta
+    causal = p.cfg.attention == "causal"
+    assert ("GroupQueryAttention" in ops) == causal and ("Attention" in ops) != causal
+    assert (meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE) == causal
+    assert "Concat" not in ops if causal else True
+    assert ops & {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
+
+
+def test_in_place_cache_matches_concatenation(pairs):
+    """The same steps with the cache written in place and with past + new concatenated
+    (the graph's two modes) give the same logits; a full cache is an error."""
+    p = pairs("tiny-glm-4")
+    ids, am = infill_batch(p.cfg)
+    B, T = ids.shape
+    runner = p.onnx.model
+
+    def run(in_place):
+        runner.in_place = in_place
+        cache = runner.new_cache(B, T + 4)
+        pos, mask, state = prefill_inputs(p.cfg, ids, am)
+        outs = [runner(ids, pos, mask, cache=cache)]
+        for i in range(4):
+            pos, mask = decode_inputs(state)
+            outs.append(runner(torch.full((B, 1), 40 + i), pos, mask, cache=cache, start=T + i))
+        return outs, cache
+
+    try:
+        concat, _ = run(False)
+        in_place, cache = run(True)
+    finally:
+        runner.in_place = True
+    for a, b in zip(concat, in_place):
+        assert (a - b).abs().max() <= 1e-5  # same kernels, same order: equal up to rounding
+    with pytest.raises(BackendError, match="full"):
+        runner(torch.full((B, 1), 1), torch.full((B, 1), T + 4), torch.ones(B, 1, 1, T + 5, dtype=torch.bool),
+               cache=cache, start=T + 4)
+
+
 # ------------------------------------------------------------------ bad input
 def _copy(src, dst):
     shutil.copytree(src, dst, copy_function=os.link)

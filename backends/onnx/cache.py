@@ -5,7 +5,8 @@ The onnx backend runs exported graphs. Given a checkpoint instead, it exports it
 into a user cache directory and runs that; later loads of the same checkpoint find it.
 
 * Key: the SHA-256 of the checkpoint's files (config, weights, tokenizer), the
-  glm-runtime, torch, onnx and onnxruntime versions, and the export options. A changed
+  glm-runtime, torch, onnx and onnxruntime versions, the exporter's graph revision
+  (:data:`~glm_runtime.converters.onnx.layout.GRAPH_REVISION`), and the export options. A changed
   weight file or an upgraded runtime gets a new export; an unchanged one is reused. The
   hash of a file is remembered by (path, size, mtime), so a load does not re-read
   gigabytes of weights to find its export.
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from glm_runtime.converters.detect import detect_format
 from glm_runtime.converters.onnx.export import DEFAULT_OPSET, export_checkpoint
-from glm_runtime.converters.onnx.layout import GRAPH
+from glm_runtime.converters.onnx.layout import GRAPH, GRAPH_REVISION
 from glm_runtime.core.errors import GLMError
 
 log = logging.getLogger("glm_runtime.backends.onnx")
@@ -82,6 +83,7 @@ def export_key(checkpoint: Path, options: dict) -> str:
         h.update(f"{f.relative_to(checkpoint)}={_file_hash(f, index)}\n".encode())
     for dist in ("glm-runtime", "torch", "onnx", "onnxruntime"):
         h.update(f"{dist}={_version(dist)}\n".encode())
+    h.update(f"graph={GRAPH_REVISION}\n".encode())
     h.update(json.dumps(options, sort_keys=True).encode())
     try:  # best effort: a read-only cache only costs re-hashing next time
         root.mkdir(parents=True, exist_ok=True)

@@ -175,14 +175,27 @@ class OnnxSession:
 
 
 class OrtCache:
-    """A generation's KV cache as onnxruntime holds it: each layer's present keys and values
-    (``OrtValue``s the session allocated) are bound as the next step's past, so they never
-    cross into numpy or torch between steps."""
+    """A generation's KV cache as onnxruntime holds it, so it never crosses into numpy or
+    torch between steps: each layer's present keys and values (``OrtValue``s the session
+    allocated) bound as the next step's past, or, for a graph that writes its cache in
+    place (layout ``kv_cache: in_place``), one buffer per layer of ``max_len`` positions
+    allocated at the first step and bound as both past and present."""
 
     def __init__(self, rows: int, max_len: int):
         self.rows, self.max_len = rows, max_len
         self.values: list | None = None  # past_key.0, past_value.0, past_key.1, ...
         self.length = 0
+        self._arrays: list[np.ndarray] = []  # what the in-place buffers' OrtValues point into
+
+    def buffers(self, config, rows: int) -> list:
+        """The in-place buffers (zeros, allocated once)."""
+        import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
+
+        if self.values is None:
+            shape = (rows, config.num_kv_heads, self.max_len, config.head_dim)
+            self._arrays = [np.zeros(shape, np.float32) for _ in range(2 * config.num_layers)]
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+        return self.values
 
 
 class OnnxRunner:
@@ -203,6 +216,7 @@ class OnnxRunner:
         tok = session.info.tokenizer
         self.tokenizer_path = None if tok is None else str(tok)
         self._outputs = layout.output_names(self.config)
+        self.in_place = session.info.meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE
 
     def new_cache(self, rows: int, max_len: int) -> OrtCache:
         return OrtCache(rows, max_len)
@@ -227,10 +241,21 @@ class OnnxRunner:
         feeds = layout.feeds(c, input_ids, position_ids, mask, (), logits_index)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
+        names = [f"past_{('key', 'value')[i % 2]}.{i // 2}" for i in range(2 * c.num_layers)]
+        if cache is not None and self.in_place:
+            if start + T > cache.max_len:
+                raise BackendError(f"the KV cache of {cache.max_len} positions is full (need {start + T})")
+            binding.bind_output("logits", "cpu")  # first: get_outputs() lists them in binding order
+            for name, value in zip(names, cache.buffers(c, B)):
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output("present" + name[len("past"):], value)
+            self.ops.run_with_binding(binding)
+            cache.length = start + T
+            return torch.from_numpy(binding.get_outputs()[0].numpy())
         past = cache.values if cache is not None and cache.values is not None else [
             ort.OrtValue.ortvalue_from_numpy(t.numpy()) for kv in layout.empty_past(c, B) for t in kv]
-        for i, value in enumerate(past):
-            binding.bind_ortvalue_input(f"past_{('key', 'value')[i % 2]}.{i // 2}", value)
+        for name, value in zip(names, past):
+            binding.bind_ortvalue_input(name, value)
         for name in self._outputs:
             binding.bind_output(name, "cpu")
         self.ops.run_with_binding(binding)

@@ -37,7 +37,7 @@ from glm_runtime.core.model import GLMModel
 from ..detect import load_checkpoint
 from ..native import atomic_dir
 from ..quantize import dequantize_state, quantize_scheme
-from . import export_ops, layout, lowbit
+from . import cached_attention, export_ops, fuse, layout, lowbit
 from .check import CHECK_ATOL, compare_with_torch, cpu_session, quantization_error, session_runner
 
 DEFAULT_OPSET = export_ops.FUSED_OPSET
@@ -46,18 +46,20 @@ DEFAULT_OPSET = export_ops.FUSED_OPSET
 class ExportGraph(torch.nn.Module):
     """(input_ids, position_ids, attention_mask, logits_index, past) -> (logits, presents...).
 
-    :meth:`GLMModel.forward` itself, with a :class:`~.layout.ConcatCache` that makes the KV
-    cache graph inputs and outputs, and ``logits_index`` as a graph input (a generation's
-    prefill needs the last position's logits only; projecting every prompt position costs
-    T x H x V).
+    :meth:`GLMModel.forward` itself, with a cache that makes the KV cache graph inputs and
+    outputs (:class:`~.layout.ConcatCache`, or with ``cached`` the inputs of
+    :mod:`.cached_attention`'s operator, whose attention modules the model must then hold),
+    and ``logits_index`` as a graph input (a generation's prefill needs the last position's
+    logits only; projecting every prompt position costs T x H x V).
     """
 
-    def __init__(self, model: GLMModel):
+    def __init__(self, model: GLMModel, cached: bool):
         super().__init__()
-        self.model = model
+        self.model, self.cached = model, cached
 
     def forward(self, input_ids, position_ids, attention_mask, logits_index, past):
-        cache = layout.ConcatCache(past)
+        cache = (cached_attention.CachedAttentionCache(past, attention_mask) if self.cached
+                 else layout.ConcatCache(past))
         logits = self.model(input_ids, position_ids, attention_mask, cache=cache, logits_index=logits_index)
         return logits, tuple(t for kv in cache.present for t in kv)
 
@@ -110,9 +112,10 @@ def export_graph(model: GLMModel, path: Path, opset: int) -> None:
     quantized linears become ``MatMulNBits`` computing with fp32 activations
     (``accuracy_level`` 0: exact, what the check against PyTorch needs)."""
     config = model.config
+    cached = cached_attention.applies(config, opset)
     try:
-        with _quiet_exporter():
-            program = torch.onnx.export(ExportGraph(model).eval(), _example(config), dynamo=True,
+        with _quiet_exporter(), (cached_attention.swapped(model) if cached else contextlib.nullcontext()):
+            program = torch.onnx.export(ExportGraph(model, cached).eval(), _example(config), dynamo=True,
                                         dynamic_shapes=_dynamic_shapes(config), opset_version=opset,
                                         input_names=layout.input_names(config),
                                         output_names=layout.output_names(config), optimize=True, verbose=False,
@@ -123,6 +126,7 @@ def export_graph(model: GLMModel, path: Path, opset: int) -> None:
     proto = program.model_proto
     if config.quantization_bits or config.lm_head_bits:
         lowbit.lower(proto, accuracy_level=0)
+    fuse.skip_norms(proto)
     save_graph(proto, path)
 
 
@@ -191,6 +195,8 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
                            f"{CHECK_ATOL} (an exporter problem; the export was not written)")
         report["max_abs_error_vs_torch"] = err
         extra = {"export_max_abs_error_vs_torch": f"{err:.3g}"}
+        if cached_attention.applies(config, opset):
+            extra[layout.KV_CACHE] = layout.KV_IN_PLACE
         precision = "fp32"
         if float_model is not None:
             set_accuracy_level(graph, lowbit.ACCURACY_LEVEL)

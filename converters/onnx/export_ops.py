@@ -19,6 +19,9 @@ attention           ``Attention`` (opset 23; grouped KV heads, boolean mask)
 gelu_tanh           ``Gelu(approximate="tanh")`` (opset 20)
 glu                 ``Split`` + ``Sigmoid``/``Gelu`` + ``Mul``
 quantized_linear    ``com.microsoft.MatMulNBits`` (a marker node, lowered by :mod:`.lowbit`)
+rotary_packed       ``RotaryEmbedding`` on heads packed as [B, T, heads * d]
+cached_attention    ``com.microsoft.GroupQueryAttention`` (attention and the KV cache
+                    append; the causal families' export, :mod:`.cached_attention`)
 ==================  ===================================================================
 
 Below opset 23 only the quantized linear is a marker and the rest is traced from the
@@ -34,7 +37,7 @@ import torch
 
 from glm_runtime.core.ops import Kernel, OpTable, reference
 
-from .lowbit import marker_node
+from . import lowbit, markers
 
 FUSED_OPSET = 23  # RMSNormalization, RotaryEmbedding and Attention
 
@@ -77,10 +80,49 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     return reference.quantized_linear(x, qweight, scale, bias, bits)
 
 
-for _op in (rms_norm, layer_norm, rotary, gelu_tanh):
+@torch.library.custom_op("glm::rotary_packed", mutates_args=())
+def rotary_packed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
+    """:func:`rotary` on ``heads`` heads packed in the last dimension: x [B, T, heads * d]."""
+    B, T, _ = x.shape
+    y = reference.rotary(x.view(B, T, heads, -1).transpose(1, 2), cos, sin, layout)
+    return y.transpose(1, 2).reshape(x.shape)
+
+
+@torch.library.custom_op("glm::cached_attention", mutates_args=())
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                     bias: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, query_lens: torch.Tensor,
+                     heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """onnxruntime's ``GroupQueryAttention`` as the export uses it (:mod:`.cached_attention`):
+    q [B, S, heads * d], k and v [B, S, kv_heads * d] appended to the past [B, kv_heads, P, d];
+    causal attention (query s at position P + s) plus the additive ``bias`` [B, 1, S, P + S],
+    softmax in fp32. Returns the output [B, S, heads * d] and the presents. (``seqlens_k``,
+    ``total`` and ``query_lens`` are the operator's bookkeeping: P + S - 1, P + S and S.)"""
+    B, S, _ = q.shape
+    d = past_k.shape[-1]
+    K = torch.cat((past_k, k.view(B, S, kv_heads, d).transpose(1, 2)), 2)
+    V = torch.cat((past_v, v.view(B, S, kv_heads, d).transpose(1, 2)), 2)
+    total_len = K.shape[2]
+    rep = heads // kv_heads
+    scores = q.view(B, S, heads, d).transpose(1, 2).float() @ K.float().repeat_interleave(rep, 1).transpose(-1, -2)
+    scores = scores * scale + bias.float()
+    future = torch.arange(total_len)[None, :] > torch.arange(total_len - S, total_len)[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+    o = probs @ V.float().repeat_interleave(rep, 1)
+    return o.transpose(1, 2).reshape(B, S, heads * d).to(q.dtype), K, V
+
+
+for _op in (rms_norm, layer_norm, rotary, rotary_packed, gelu_tanh):
     _op.register_fake(lambda x, *args: torch.empty_like(x))
 attention.register_fake(lambda q, k, v, *args: torch.empty_like(q))
 glu.register_fake(lambda u, activation: u.new_empty(*u.shape[:-1], u.shape[-1] // 2))
+
+
+@cached_attention.register_fake
+def _(q, k, v, past_k, past_v, *args):
+    B, g, P, d = past_k.shape
+    return torch.empty_like(q), past_k.new_empty(B, g, P + k.shape[1], d), past_v.new_empty(B, g, P + k.shape[1], d)
+
+
 quantized_linear.register_fake(lambda x, qweight, *args: x.new_empty(*x.shape[:-1], qweight.shape[0]))
 
 
@@ -88,12 +130,12 @@ def op_table(opset: int, quantized: bool) -> OpTable:
     """The ops to build the exported model with: markers for what ``opset`` has as one
     operator (and for the quantized linear, at any opset), the reference for the rest."""
     fp32 = frozenset({torch.float32})
-    markers = {"quantized_linear": torch.ops.glm.quantized_linear}
+    ops = {"quantized_linear": torch.ops.glm.quantized_linear}
     if opset >= FUSED_OPSET:
-        markers.update(rms_norm=torch.ops.glm.rms_norm, layer_norm=torch.ops.glm.layer_norm,
-                       rotary=torch.ops.glm.rotary, attention=torch.ops.glm.attention, glu=torch.ops.glm.glu,
-                       gelu_tanh=torch.ops.glm.gelu_tanh)
-    kernels = {name: Kernel(fn, fp32, "one ONNX operator") for name, fn in markers.items()}
+        ops.update(rms_norm=torch.ops.glm.rms_norm, layer_norm=torch.ops.glm.layer_norm,
+                   rotary=torch.ops.glm.rotary, attention=torch.ops.glm.attention, glu=torch.ops.glm.glu,
+                   gelu_tanh=torch.ops.glm.gelu_tanh)
+    kernels = {name: Kernel(fn, fp32, "one ONNX operator") for name, fn in ops.items()}
     return OpTable("onnx-export", kernels, torch.float32, strict=False,
                    required=("quantized_linear",) if quantized else ())  # the rest is the reference on purpose
 
@@ -104,7 +146,7 @@ def translation_table(opset: int) -> dict:
     import onnxscript  # the exporter's own dependency, imported where used
 
     op = onnxscript.values.Opset("", opset)
-    qnode = marker_node()
+    qnode = lowbit.marker_node()
 
     def t_quantized_linear(x, qweight, scale, bias, bits: int):
         return qnode(x, qweight, scale, bias, bits=bits) if bias is not None else qnode(x, qweight, scale, bits=bits)
@@ -132,6 +174,17 @@ def translation_table(opset: int) -> dict:
         return op.Concat(op.RotaryEmbedding(halves[0], c0, s0, interleaved=0, rotary_embedding_dim=2 * h),
                          op.RotaryEmbedding(halves[1], c1, s1, interleaved=0, rotary_embedding_dim=2 * h), axis=-1)
 
+    def t_rotary_packed(x, cos, sin, layout: str, heads: int):
+        return op.RotaryEmbedding(x, cos, sin, interleaved=int(layout == "interleaved"),
+                                  rotary_embedding_dim=2 * _last_dim(cos), num_heads=heads)
+
+    gqa = group_query_attention()
+
+    def t_cached_attention(q, k, v, past_k, past_v, bias, seqlens_k, total, query_lens, heads: int, kv_heads: int,
+                           scale: float):
+        return gqa(q, k, v, past_k, past_v, seqlens_k, total, None, None, None, bias, None, None, None, None, None,
+                   query_lens, num_heads=heads, kv_num_heads=kv_heads, scale=scale, causal=1)
+
     def t_attention(q, k, v, mask, scale: float, mask_value=None, layer_scale: float = 1.0):
         args = (q, k, v) if mask is None else (q, k, v, mask)
         return _first(op.Attention(*args, scale=scale))
@@ -147,8 +200,27 @@ def translation_table(opset: int) -> dict:
 
     table.update({torch.ops.glm.rms_norm.default: t_rms_norm, torch.ops.glm.layer_norm.default: t_layer_norm,
                   torch.ops.glm.rotary.default: t_rotary, torch.ops.glm.attention.default: t_attention,
-                  torch.ops.glm.glu.default: t_glu, torch.ops.glm.gelu_tanh.default: t_gelu_tanh})
+                  torch.ops.glm.glu.default: t_glu, torch.ops.glm.gelu_tanh.default: t_gelu_tanh,
+                  torch.ops.glm.rotary_packed.default: t_rotary_packed,
+                  torch.ops.glm.cached_attention.default: t_cached_attention})
     return table
+
+
+GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
+              "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight",
+              "k_norm_weight", "query_seqlens")
+
+
+def group_query_attention():
+    """onnxscript's writer of ``com.microsoft.GroupQueryAttention`` (onnxruntime's contrib
+    operator; its inputs in onnxruntime's order, the integer ones int32, position_ids int64)."""
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "query_seqlens": "M", "position_ids": "P"}
+    return markers.op(lowbit.MSFT, "GroupQueryAttention",
+                      inputs=[(n, types.get(n, "T"), i >= 3 and n not in ("seqlens_k", "total_sequence_length"))
+                              for i, n in enumerate(GQA_INPUTS)],
+                      outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],
+                      types={"T": ["tensor(float)"], "M": ["tensor(int32)"], "P": ["tensor(int64)"]},
+                      attributes={"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "causal": "INT"})
 
 
 def _first(outputs):

@@ -19,8 +19,16 @@ positions; ``P = 0`` for a prefill)::
 
 Outputs: ``logits`` float [B, K, vocab] and ``present_key.{i}`` / ``present_value.{i}``
 [B, kv_heads, P + T, head_dim] (the past with the new positions appended), the
-convention of transformers' ONNX exports. Masks and positions are inputs, not computed
-in the graph, so every family's blank-infilling rules stay in one place (the host code).
+convention of transformers' ONNX exports.
+
+A graph whose metadata says ``kv_cache: in_place`` (the causal families' attention as
+one onnxruntime operator, :mod:`.cached_attention`) also runs with one buffer per layer
+bound as both ``past_key.{i}`` and ``present_key.{i}`` (values alike): [B, kv_heads,
+capacity, head_dim], its first ``P`` positions valid, ``P + T`` given by the mask's
+width; the step writes its positions into the buffer and the presents *are* the buffer.
+
+Masks and positions are inputs, not computed in the graph, so every family's
+blank-infilling rules stay in one place (the host code).
 """
 from __future__ import annotations
 
@@ -40,6 +48,11 @@ GRAPH = "model.onnx"
 DATA = "model.onnx.data"
 TOKENIZER = "tokenizer.model"
 MIN_OPSET = 17
+# What the exporter writes, beyond this contract: bumped when the graph changes (2: the
+# causal families' attention as GroupQueryAttention, residual adds fused into the norms),
+# so that exports cached under an unchanged package version are made again.
+GRAPH_REVISION = 2
+KV_CACHE, KV_IN_PLACE = "kv_cache", "in_place"  # metadata: the layers' past and present may share a buffer
 SPECIAL_TOKENS = ("pad_token_id", "eos_token_ids", "mask_token_id", "gmask_token_id", "smask_token_id",
                   "sop_token_id", "eop_token_id")
 

@@ -25,6 +25,8 @@ import numpy as np
 
 from glm_runtime.core.errors import GLMError
 
+from . import markers
+
 MARKER_DOMAIN = "glm"
 MARKER_OP = "QuantizedLinear"
 MSFT = "com.microsoft"
@@ -32,29 +34,13 @@ ROW_BLOCKS = (256, 128, 64, 32, 16)  # per-row scales: the widest block dividing
 ACCURACY_LEVEL = 4  # int8 activations
 
 
-def _marker_schema():
-    from onnx.defs import OpSchema  # heavy: imported where used (a plain glmrt command never loads it), as below
-
-    param = OpSchema.FormalParameter
-    return OpSchema(MARKER_OP, MARKER_DOMAIN, 1,
-                    inputs=[param("x", "T"), param("qweight", "Q"), param("scale", "S"),
-                            param("bias", "T", param_option=OpSchema.FormalParameterOption.Optional)],
-                    outputs=[param("y", "T")],
-                    type_constraints=[("T", ["tensor(float)"], ""), ("Q", ["tensor(int8)"], ""),
-                                      ("S", ["tensor(float16)", "tensor(float)"], "")],
-                    attributes=[OpSchema.Attribute("bits", OpSchema.AttrType.INT, "4 or 8")])
-
-
 def marker_node():
-    """The onnxscript op that writes a ``glm.QuantizedLinear`` node (its schema registered
-    with onnx first, as onnxscript requires)."""
-    import onnx
-    import onnxscript
-
-    if not onnx.defs.has(MARKER_OP, MARKER_DOMAIN):
-        onnx.defs.register_schema(_marker_schema())
-    return onnxscript.values.Op(onnxscript.values.Opset(MARKER_DOMAIN, 1), MARKER_OP,
-                                onnx.defs.get_schema(MARKER_OP, 1, MARKER_DOMAIN))
+    """The onnxscript op that writes a ``glm.QuantizedLinear`` node."""
+    return markers.op(MARKER_DOMAIN, MARKER_OP,
+                      inputs=[("x", "T", False), ("qweight", "Q", False), ("scale", "S", False), ("bias", "T", True)],
+                      outputs=[("y", "T")],
+                      types={"T": ["tensor(float)"], "Q": ["tensor(int8)"], "S": ["tensor(float16)", "tensor(float)"]},
+                      attributes={"bits": "INT"})
 
 
 def matmul_nbits_tensors(qweight: np.ndarray, scale: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
