@@ -36,7 +36,18 @@ from glm_runtime.core.model import parameter_shapes
 from glm_runtime.core.quant import LINEARS as QUANT_LINEARS
 from glm_runtime.core.registry import get_backend
 
-FAMILIES = ["tiny-glm-130b", "tiny-chatglm-6b", "tiny-chatglm2", "tiny-glm-4", "tiny-glm-4-0414"]
+FAMILIES = ["tiny-glm-130b", "tiny-chatglm-6b", "tiny-chatglm2", "tiny-glm-4", "tiny-glm-4-0414",
+            "tiny-chatglm2+hd32", "tiny-glm-4+hd32", "tiny-glm-4-0414+hd32"]
+HD32 = "+hd32"
+
+
+def family_config(name):
+    """A preset, or ``preset+hd32``: that preset with 32-wide heads. The causal families
+    export their attention as GroupQueryAttention, whose rotary needs a head size that is
+    a multiple of 16 (released GLMs have 128); the tiny presets' 24 takes the standard
+    Attention path instead, so each causal family is exported both ways."""
+    base, _, variant = name.partition("+")
+    return preset(base, head_dim=32) if variant else preset(base)
 ATOL = 1e-4
 
 
@@ -63,7 +74,7 @@ class Pair:
     """A family's native checkpoint on the cpu backend and its export on the onnx backend."""
 
     def __init__(self, root, name):
-        self.cfg = preset(name)
+        self.cfg = family_config(name)
         self.native_dir, self.onnx_dir, self.int8_dir = root / "native", root / "onnx", root / "int8"
         self.cpu = load_model(self.native_dir, backend="cpu")
         self.onnx = load_model(self.onnx_dir, backend="onnx")
@@ -75,7 +86,7 @@ def exports(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     jobs = {}
     for name in FAMILIES:
-        cfg = preset(name)
+        cfg = family_config(name)
         native.save(root / name / "native", cfg, wide_state(cfg))
         for int8 in (False, True) if name == INT8 else (False,):
             out = root / name / ("int8" if int8 else "onnx")
@@ -188,22 +199,23 @@ def _op_types(onnx_dir):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fused_operators(pairs, name):
-    """Causal families: attention and the cache as GroupQueryAttention (no Concat of
-    caches, in-place metadata); prefix families keep Attention; every family's residual
-    adds are fused into its norms."""
+    """Causal families with heads a multiple of 16 wide: rotary, attention and the cache
+    as GroupQueryAttention (no Concat of caches, in-place metadata); the others keep
+    Attention; every family's residual adds are fused into its norms."""
     p = pairs(name)
     ops, meta = _op_types(p.onnx_dir), layout.read_export(p.onnx_dir).meta
-    causal = p.cfg.attention == "causal"
-    assert ("GroupQueryAttention" in ops) == causal and ("Attention" in ops) != causal
-    assert (meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE) == causal
-    assert "Concat" not in ops if causal else True
+    fused = p.cfg.attention == "causal" and p.cfg.head_dim % 16 == 0
+    assert fused == name.endswith(HD32)
+    assert ("GroupQueryAttention" in ops) == fused and ("Attention" in ops) != fused
+    assert (meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE) == fused
+    assert not ops & {"Concat", "RotaryEmbedding"} if fused else True
     assert ops & {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 
 
 def test_in_place_cache_matches_concatenation(pairs):
     """The same steps with the cache written in place and with past + new concatenated
     (the graph's two modes) give the same logits; a full cache is an error."""
-    p = pairs("tiny-glm-4")
+    p = pairs("tiny-glm-4" + HD32)
     ids, am = infill_batch(p.cfg)
     B, T = ids.shape
     runner = p.onnx.model

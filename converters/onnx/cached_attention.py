@@ -6,16 +6,17 @@ ONNX nodes: reshape and transpose into heads, slices for q, k and v, the rotary,
 ``Concat`` of past and new keys and another of values, ``Attention``, transpose and
 reshape back. The two concatenations copy the whole cache every decode step (14 MB a
 step for the 98M benchmark model 576 positions in: measured 1.4 ms of its 8.5 ms INT4
-step, more than the attention itself). ``GroupQueryAttention`` takes q, k and v packed
-as [B, S, heads * d], appends to the cache itself, and, when the caller binds one buffer
-as both a layer's past and its present, writes the new positions into it in place
-(onnxruntime's past-present buffer sharing; :class:`glm_runtime.backends.onnx.runtime.OnnxRunner`
-does so): no copy per step, and four nodes per layer instead of twelve.
+step, more than the attention itself). ``GroupQueryAttention`` takes the qkv projection
+as it comes out ([B, S, (heads + 2 kv_heads) d]), rotates q and k by their positions,
+appends k and v to the cache, and, when the caller binds one buffer as both a layer's
+past and its present, writes the new positions into it in place (onnxruntime's
+past-present buffer sharing; :class:`glm_runtime.backends.onnx.runtime.OnnxRunner` does
+so): no copy per step, and one node per layer instead of twelve.
 
 The export swaps this module in for each layer's attention while it traces
 (:func:`swapped`); the model's own attention stays what the exported graph is checked
 against. It applies to the causal families with blocked QKV and 1D rotary (ChatGLM2/3,
-GLM-4; :func:`applies`): the operator's per-row query lengths, which a batch of
+GLM-4; :func:`applies`; the operator's rotary is checked against the model's at export): the operator's per-row query lengths, which a batch of
 multi-token steps needs, require its causal mode, so the prefix-attention families
 (GLM-130B, ChatGLM-6B) keep the standard ``Attention``.
 
@@ -39,27 +40,38 @@ NEG = torch.finfo(torch.float32).min
 
 
 def applies(config: GLMConfig, opset: int) -> bool:
+    """The causal families (module docstring) with heads whose size the operator's rotary
+    takes: a multiple of 16 (128 in every released GLM; onnxruntime refuses others)."""
     return (opset >= FUSED_OPSET and config.attention == "causal" and config.qkv_layout == "blocked"
-            and config.rope != "neox_2d")
+            and config.rope != "neox_2d" and config.head_dim % 16 == 0)
 
 
 class CachedAttentionCache:
     """The traced model's cache: the past as graph inputs (``past``), the presents the
-    operator returns (``present``), and the operator's per-step inputs computed once from
-    the mask [B, 1, S, P + S] for every layer."""
+    operator returns (``present``), and the operator's per-step inputs, computed once for
+    every layer from the mask [B, 1, S, P + S], the positions [B, S] and the rotary's
+    frequencies ``inv_freq``.
 
-    def __init__(self, past: tuple, mask: torch.Tensor):
+    The rotary angles are a table over positions 0 .. P + S - 1, which covers every
+    position of a causal family (a position counts the real tokens before it, so it is
+    below the token's cache index); row p is computed as the model's rotary computes the
+    angles of position p, so looking rows up by position gives the same values."""
+
+    def __init__(self, past: tuple, mask: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor):
         B, _, S, total = mask.shape
         self.past, self.present = past, [None] * len(past)
         self.bias = torch.where(mask, 0.0, NEG)
         self.seqlens_k = torch.full((B,), total - 1, dtype=torch.int32)
         self.total = torch.full((), total, dtype=torch.int32)
         self.query_lens = torch.full((B,), S, dtype=torch.int32)
+        self.position_ids = position_ids
+        angles = torch.arange(total, dtype=torch.float32).unsqueeze(-1) * inv_freq
+        self.cos, self.sin = angles.cos(), angles.sin()
 
 
 class CachedAttention(nn.Module):
-    """:class:`~glm_runtime.core.model.Attention` (same linears) computed as qkv -> split ->
-    rotary of the packed q and k heads -> ``GroupQueryAttention`` -> dense."""
+    """:class:`~glm_runtime.core.model.Attention` (same linears) computed as qkv ->
+    ``GroupQueryAttention`` (rotary included) -> dense."""
 
     def __init__(self, attn: nn.Module):
         super().__init__()
@@ -68,12 +80,10 @@ class CachedAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: CachedAttentionCache, start, kv_len):
         c = self.config
-        qk, v = self.qkv(x).split((c.q_size + c.kv_size, c.kv_size), -1)
-        qk = torch.ops.glm.rotary_packed(qk, cos, sin, c.rope, c.num_heads + c.num_kv_heads)
-        q, k = qk.split((c.q_size, c.kv_size), -1)
         pk, pv = cache.past[self.layer]
-        o, k, v = torch.ops.glm.cached_attention(q, k, v, pk, pv, cache.bias, cache.seqlens_k, cache.total,
-                                                 cache.query_lens, c.num_heads, c.num_kv_heads, self.scale)
+        o, k, v = torch.ops.glm.cached_attention(self.qkv(x), pk, pv, cache.cos, cache.sin, cache.position_ids,
+                                                 cache.bias, cache.seqlens_k, cache.total, cache.query_lens,
+                                                 c.num_heads, c.num_kv_heads, self.scale, c.rope)
         cache.present[self.layer] = (k, v)
         return self.dense(o)
 

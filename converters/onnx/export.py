@@ -58,8 +58,8 @@ class ExportGraph(torch.nn.Module):
         self.model, self.cached = model, cached
 
     def forward(self, input_ids, position_ids, attention_mask, logits_index, past):
-        cache = (cached_attention.CachedAttentionCache(past, attention_mask) if self.cached
-                 else layout.ConcatCache(past))
+        cache = (cached_attention.CachedAttentionCache(past, attention_mask, position_ids, self.model.rotary.inv_freq)
+                 if self.cached else layout.ConcatCache(past))
         logits = self.model(input_ids, position_ids, attention_mask, cache=cache, logits_index=logits_index)
         return logits, tuple(t for kv in cache.present for t in kv)
 

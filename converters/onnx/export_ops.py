@@ -19,9 +19,8 @@ attention           ``Attention`` (opset 23; grouped KV heads, boolean mask)
 gelu_tanh           ``Gelu(approximate="tanh")`` (opset 20)
 glu                 ``Split`` + ``Sigmoid``/``Gelu`` + ``Mul``
 quantized_linear    ``com.microsoft.MatMulNBits`` (a marker node, lowered by :mod:`.lowbit`)
-rotary_packed       ``RotaryEmbedding`` on heads packed as [B, T, heads * d]
-cached_attention    ``com.microsoft.GroupQueryAttention`` (attention and the KV cache
-                    append; the causal families' export, :mod:`.cached_attention`)
+cached_attention    ``com.microsoft.GroupQueryAttention`` (rotary, attention and the KV
+                    cache append; the causal families' export, :mod:`.cached_attention`)
 ==================  ===================================================================
 
 Below opset 23 only the quantized linear is a marker and the rest is traced from the
@@ -80,47 +79,43 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     return reference.quantized_linear(x, qweight, scale, bias, bits)
 
 
-@torch.library.custom_op("glm::rotary_packed", mutates_args=())
-def rotary_packed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    """:func:`rotary` on ``heads`` heads packed in the last dimension: x [B, T, heads * d]."""
-    B, T, _ = x.shape
-    y = reference.rotary(x.view(B, T, heads, -1).transpose(1, 2), cos, sin, layout)
-    return y.transpose(1, 2).reshape(x.shape)
-
-
 @torch.library.custom_op("glm::cached_attention", mutates_args=())
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                     bias: torch.Tensor, seqlens_k: torch.Tensor, total: torch.Tensor, query_lens: torch.Tensor,
-                     heads: int, kv_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """onnxruntime's ``GroupQueryAttention`` as the export uses it (:mod:`.cached_attention`):
-    q [B, S, heads * d], k and v [B, S, kv_heads * d] appended to the past [B, kv_heads, P, d];
-    causal attention (query s at position P + s) plus the additive ``bias`` [B, 1, S, P + S],
-    softmax in fp32. Returns the output [B, S, heads * d] and the presents. (``seqlens_k``,
-    ``total`` and ``query_lens`` are the operator's bookkeeping: P + S - 1, P + S and S.)"""
-    B, S, _ = q.shape
+def cached_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, cos_table: torch.Tensor,
+                     sin_table: torch.Tensor, position_ids: torch.Tensor, bias: torch.Tensor, seqlens_k: torch.Tensor,
+                     total: torch.Tensor, query_lens: torch.Tensor, heads: int, kv_heads: int, scale: float,
+                     layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """onnxruntime's ``GroupQueryAttention`` as the export uses it (:mod:`.cached_attention`).
+
+    ``qkv`` [B, S, (heads + 2 kv_heads) d] packed per token ([Q | K | V] heads); q and k
+    rotated (``layout``: interleaved or neox) by the angles of their ``position_ids``
+    [B, S], rows of ``cos_table`` / ``sin_table`` [positions, pairs]; k and v appended to
+    the past [B, kv_heads, P, d]; causal attention (query s at position P + s) plus the
+    additive ``bias`` [B, 1, S, P + S], softmax in fp32. Returns the output [B, S, heads * d]
+    and the presents. (``seqlens_k``, ``total`` and ``query_lens`` are the operator's
+    bookkeeping: P + S - 1 per row, P + S, and S per row.)"""
+    B, S, _ = qkv.shape
     d = past_k.shape[-1]
-    K = torch.cat((past_k, k.view(B, S, kv_heads, d).transpose(1, 2)), 2)
-    V = torch.cat((past_v, v.view(B, S, kv_heads, d).transpose(1, 2)), 2)
-    total_len = K.shape[2]
-    rep = heads // kv_heads
-    scores = q.view(B, S, heads, d).transpose(1, 2).float() @ K.float().repeat_interleave(rep, 1).transpose(-1, -2)
-    scores = scores * scale + bias.float()
+    x = qkv.view(B, S, heads + 2 * kv_heads, d).transpose(1, 2)
+    qk = reference.rotary(x[:, :heads + kv_heads], cos_table[position_ids], sin_table[position_ids], layout)
+    q, k, v = qk[:, :heads], qk[:, heads:], x[:, heads + kv_heads:]
+    K, V = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
+    total_len, rep = K.shape[2], heads // kv_heads
+    scores = q.float() @ K.float().repeat_interleave(rep, 1).transpose(-1, -2) * scale + bias.float()
     future = torch.arange(total_len)[None, :] > torch.arange(total_len - S, total_len)[:, None]
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1)
-    o = probs @ V.float().repeat_interleave(rep, 1)
-    return o.transpose(1, 2).reshape(B, S, heads * d).to(q.dtype), K, V
+    o = scores.masked_fill(future, float("-inf")).softmax(-1) @ V.float().repeat_interleave(rep, 1)
+    return o.transpose(1, 2).reshape(B, S, heads * d).to(qkv.dtype), K, V
 
 
-for _op in (rms_norm, layer_norm, rotary, rotary_packed, gelu_tanh):
+for _op in (rms_norm, layer_norm, rotary, gelu_tanh):
     _op.register_fake(lambda x, *args: torch.empty_like(x))
 attention.register_fake(lambda q, k, v, *args: torch.empty_like(q))
 glu.register_fake(lambda u, activation: u.new_empty(*u.shape[:-1], u.shape[-1] // 2))
 
 
 @cached_attention.register_fake
-def _(q, k, v, past_k, past_v, *args):
-    B, g, P, d = past_k.shape
-    return torch.empty_like(q), past_k.new_empty(B, g, P + k.shape[1], d), past_v.new_empty(B, g, P + k.shape[1], d)
+def _(qkv, past_k, past_v, cos_table, sin_table, position_ids, bias, seqlens_k, total, query_lens, heads: int, *args):
+    (B, g, P, d), S = past_k.shape, qkv.shape[1]
+    return qkv.new_empty(B, S, heads * d), past_k.new_empty(B, g, P + S, d), past_v.new_empty(B, g, P + S, d)
 
 
 quantized_linear.register_fake(lambda x, qweight, *args: x.new_empty(*x.shape[:-1], qweight.shape[0]))
@@ -174,16 +169,13 @@ def translation_table(opset: int) -> dict:
         return op.Concat(op.RotaryEmbedding(halves[0], c0, s0, interleaved=0, rotary_embedding_dim=2 * h),
                          op.RotaryEmbedding(halves[1], c1, s1, interleaved=0, rotary_embedding_dim=2 * h), axis=-1)
 
-    def t_rotary_packed(x, cos, sin, layout: str, heads: int):
-        return op.RotaryEmbedding(x, cos, sin, interleaved=int(layout == "interleaved"),
-                                  rotary_embedding_dim=2 * _last_dim(cos), num_heads=heads)
-
     gqa = group_query_attention()
 
-    def t_cached_attention(q, k, v, past_k, past_v, bias, seqlens_k, total, query_lens, heads: int, kv_heads: int,
-                           scale: float):
-        return gqa(q, k, v, past_k, past_v, seqlens_k, total, None, None, None, bias, None, None, None, None, None,
-                   query_lens, num_heads=heads, kv_num_heads=kv_heads, scale=scale, causal=1)
+    def t_cached_attention(qkv, past_k, past_v, cos_table, sin_table, position_ids, bias, seqlens_k, total,
+                           query_lens, heads: int, kv_heads: int, scale: float, layout: str):
+        return gqa(qkv, None, None, past_k, past_v, seqlens_k, total, cos_table, sin_table, position_ids, bias,
+                   None, None, None, None, None, query_lens, num_heads=heads, kv_num_heads=kv_heads, scale=scale,
+                   causal=1, do_rotary=1, rotary_interleaved=int(layout == "interleaved"))
 
     def t_attention(q, k, v, mask, scale: float, mask_value=None, layer_scale: float = 1.0):
         args = (q, k, v) if mask is None else (q, k, v, mask)
@@ -201,7 +193,6 @@ def translation_table(opset: int) -> dict:
     table.update({torch.ops.glm.rms_norm.default: t_rms_norm, torch.ops.glm.layer_norm.default: t_layer_norm,
                   torch.ops.glm.rotary.default: t_rotary, torch.ops.glm.attention.default: t_attention,
                   torch.ops.glm.glu.default: t_glu, torch.ops.glm.gelu_tanh.default: t_gelu_tanh,
-                  torch.ops.glm.rotary_packed.default: t_rotary_packed,
                   torch.ops.glm.cached_attention.default: t_cached_attention})
     return table
 
@@ -216,11 +207,12 @@ def group_query_attention():
     operator; its inputs in onnxruntime's order, the integer ones int32, position_ids int64)."""
     types = {"seqlens_k": "M", "total_sequence_length": "M", "query_seqlens": "M", "position_ids": "P"}
     return markers.op(lowbit.MSFT, "GroupQueryAttention",
-                      inputs=[(n, types.get(n, "T"), i >= 3 and n not in ("seqlens_k", "total_sequence_length"))
-                              for i, n in enumerate(GQA_INPUTS)],
+                      inputs=[(n, types.get(n, "T"), n not in ("query", "seqlens_k", "total_sequence_length"))
+                              for n in GQA_INPUTS],
                       outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],
                       types={"T": ["tensor(float)"], "M": ["tensor(int32)"], "P": ["tensor(int64)"]},
-                      attributes={"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "causal": "INT"})
+                      attributes={"num_heads": "INT", "kv_num_heads": "INT", "scale": "FLOAT", "causal": "INT",
+                                  "do_rotary": "INT", "rotary_interleaved": "INT"})
 
 
 def _first(outputs):
