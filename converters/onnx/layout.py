@@ -57,9 +57,12 @@ SPECIAL_TOKENS = ("pad_token_id", "eos_token_ids", "mask_token_id", "gmask_token
                   "sop_token_id", "eop_token_id")
 
 
+def past_names(config: GLMConfig) -> list[str]:
+    return [f"past_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+
+
 def input_names(config: GLMConfig) -> list[str]:
-    return ["input_ids", "position_ids", "attention_mask", "logits_index"] + [
-        f"past_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+    return ["input_ids", "position_ids", "attention_mask", "logits_index"] + past_names(config)
 
 
 def output_names(config: GLMConfig) -> list[str]:
