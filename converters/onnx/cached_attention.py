@@ -15,10 +15,10 @@ so): no copy per step, and one node per layer instead of twelve.
 
 The export swaps this module in for each layer's attention while it traces
 (:func:`swapped`); the model's own attention stays what the exported graph is checked
-against. It applies to the causal families with blocked QKV and 1D rotary (ChatGLM2/3,
-GLM-4; :func:`applies`; the operator's rotary is checked against the model's at export): the operator's per-row query lengths, which a batch of
-multi-token steps needs, require its causal mode, so the prefix-attention families
-(GLM-130B, ChatGLM-6B) keep the standard ``Attention``.
+against (which checks the operator's rotary too). It applies to the causal families with
+blocked QKV and 1D rotary (ChatGLM2/3, GLM-4; :func:`applies`): the operator's per-row
+query lengths, which a batch of multi-token steps needs, require its causal mode, so the
+prefix-attention families (GLM-130B, ChatGLM-6B) keep the standard ``Attention``.
 
 Masks stay host inputs. The operator applies its causal mask; the host mask (left
 padding) enters as an additive bias: 0 where the mask allows, the most negative float

@@ -206,7 +206,7 @@ def group_query_attention():
     """onnxscript's writer of ``com.microsoft.GroupQueryAttention`` (onnxruntime's contrib
     operator; its inputs in onnxruntime's order, the integer ones int32, position_ids int64)."""
     types = {"seqlens_k": "M", "total_sequence_length": "M", "query_seqlens": "M", "position_ids": "P"}
-    return markers.op(lowbit.MSFT, "GroupQueryAttention",
+    return markers.op(markers.MSFT, "GroupQueryAttention",
                       inputs=[(n, types.get(n, "T"), n not in ("query", "seqlens_k", "total_sequence_length"))
                               for n in GQA_INPUTS],
                       outputs=[("output", "T"), ("present_key", "T"), ("present_value", "T")],

@@ -11,7 +11,7 @@ sum, then the norm in fp32); the export's check against PyTorch runs on the resu
 """
 from __future__ import annotations
 
-from .lowbit import MSFT
+from . import markers
 
 FUSED = {"RMSNormalization": "SkipSimplifiedLayerNormalization", "LayerNormalization": "SkipLayerNormalization"}
 
@@ -43,12 +43,12 @@ def skip_norms(proto) -> int:
         gamma_beta = list(norm.input[1:])
         node = helper.make_node(FUSED[norm.op_type], [add.input[0], add.input[1], *gamma_beta],
                                 [norm.output[0], "", "", add.output[0]], name=f"{norm.name or 'norm'}_skip",
-                                domain=MSFT, epsilon=attrs.get("epsilon", 1e-5))
+                                domain=markers.MSFT, epsilon=attrs.get("epsilon", 1e-5))
         at = list(g.node).index(add)  # where the sum was made: its other readers come later
         g.node.remove(norm)
         g.node.remove(add)
         g.node.insert(at, node)
         fused += 1
-    if fused and not any(o.domain == MSFT for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MSFT, 1))
+    if fused:
+        markers.use_domain(proto, markers.MSFT)
     return fused

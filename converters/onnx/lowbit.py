@@ -29,7 +29,6 @@ from . import markers
 
 MARKER_DOMAIN = "glm"
 MARKER_OP = "QuantizedLinear"
-MSFT = "com.microsoft"
 ROW_BLOCKS = (256, 128, 64, 32, 16)  # per-row scales: the widest block dividing K (measured fastest)
 ACCURACY_LEVEL = 4  # int8 activations
 
@@ -109,7 +108,7 @@ def lower(proto, accuracy_level: int = ACCURACY_LEVEL) -> int:
         g.initializer.extend([numpy_helper.from_array(b, qname + ".nbits"),
                               numpy_helper.from_array(scales, sname + ".nbits")])
         node = helper.make_node("MatMulNBits", [x, qname + ".nbits", sname + ".nbits", "", "", bias], list(n.output),
-                                name=n.name or f"MatMulNBits_{idx}", domain=MSFT, K=K, N=N, bits=bits,
+                                name=n.name or f"MatMulNBits_{idx}", domain=markers.MSFT, K=K, N=N, bits=bits,
                                 block_size=block, accuracy_level=accuracy_level)
         g.node.remove(n)
         g.node.insert(idx, node)
@@ -117,8 +116,8 @@ def lower(proto, accuracy_level: int = ACCURACY_LEVEL) -> int:
     keep = [t for t in g.initializer if used.get(t.name, 1) > 0 or t.name.endswith(".nbits")]
     del g.initializer[:]
     g.initializer.extend(keep)
-    if rewritten and not any(o.domain == MSFT for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MSFT, 1))
+    if rewritten:
+        markers.use_domain(proto, markers.MSFT)
     keep_opsets = [o for o in proto.opset_import if o.domain != MARKER_DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(keep_opsets)

@@ -7,13 +7,23 @@ registry, with the inputs, outputs and attributes the export uses.
 """
 from __future__ import annotations
 
+MSFT = "com.microsoft"  # onnxruntime's contrib operators
+
+
+def use_domain(proto, domain: str) -> None:
+    """Declare ``domain`` (version 1) among ``proto``'s opset imports, once."""
+    from onnx import helper  # heavy: imported where used (a plain glmrt command never loads it)
+
+    if not any(o.domain == domain for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(domain, 1))
+
 
 def op(domain: str, name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
        types: dict[str, list[str]], attributes: dict[str, str]):
     """The onnxscript op writing ``domain.name`` nodes. ``inputs``: (name, type variable,
     optional) in the operator's order; ``outputs``: (name, type variable); ``types``: type
     variable -> allowed ``tensor(...)`` types; ``attributes``: name -> INT, FLOAT or STRING."""
-    import onnx  # heavy: imported where used (a plain glmrt command never loads it)
+    import onnx  # heavy, as above
     import onnxscript
     from onnx.defs import OpSchema
 
