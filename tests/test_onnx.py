@@ -25,8 +25,8 @@ import torch
 from glm_runtime import load_model, preset
 from glm_runtime.api import GLM
 from glm_runtime.converters import native
-from glm_runtime.converters.onnx import layout
-from glm_runtime.converters.onnx.export import export
+from glm_runtime.converters.onnx import cached_attention, layout
+from glm_runtime.converters.onnx.export import export, export_model
 from glm_runtime.converters.quantize import quantize_scheme
 from glm_runtime.core.build import build_model, random_state
 from glm_runtime.core.errors import BackendError, CheckpointError, GLMError
@@ -210,6 +210,23 @@ def test_fused_operators(pairs, name):
     assert (meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE) == fused
     assert not ops & {"Concat", "RotaryEmbedding"} if fused else True
     assert ops & {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
+
+
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f.endswith(HD32)])
+def test_fused_attention_module_computes_the_models_attention(name):
+    """The module the export traces in place of each layer's attention, run eagerly (its
+    marker op's PyTorch definition), gives the model's own logits on a left-padded batch."""
+    cfg = family_config(name)
+    model = export_model(cfg, random_state(cfg, 0), 23)
+    ids, am = infill_batch(cfg)
+    pos, mask, _ = prefill_inputs(cfg, ids, am)
+    with torch.inference_mode():
+        ref = model(ids, pos, mask, cache=layout.ConcatCache(layout.empty_past(cfg, ids.shape[0])))
+        with cached_attention.swapped(model):
+            cache = cached_attention.CachedAttentionCache(layout.empty_past(cfg, ids.shape[0]), mask, pos,
+                                                          model.rotary.inv_freq)
+            got = model(ids, pos, mask, cache=cache)
+    assert (got - ref)[am.bool()].abs().max() <= 1e-5  # the same reference ops, composed differently
 
 
 def test_in_place_cache_matches_concatenation(pairs):

@@ -26,26 +26,23 @@ from train_helpers import ROOT, env, tiny_config, tiny_corpus, tiny_tokenizer, w
 from glm_runtime.training.monitor import read_log
 
 pytestmark = pytest.mark.slow
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
 GLMRT = Path(sys.executable).parent / "glmrt"
 KEYS = ("loss", "grad_norm", "embed_grad_norm")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    if not MPIEXEC.exists():
-        pytest.skip("mpiexec is not installed in this environment (pip install glm-runtime[mpi])")
+def setup(tmp_path_factory, mpiexec):
     d = tmp_path_factory.mktemp("par")
     corpus = tiny_corpus(d)
     tok = tiny_tokenizer(d, corpus)
     cfg = write_config(d / "train.yaml", tiny_config(d, corpus, tok, steps=20, save_interval=5, eval_interval=10))
-    return d, cfg
+    return d, cfg, mpiexec
 
 
-def _train(cfg, run, n=1, extra=(), timeout=400, popen=False):
+def _train(cfg, run, n=1, extra=(), timeout=400, popen=False, mpiexec=None):
     cmd = [str(GLMRT), "train", str(cfg), "--run-dir", str(run), "--no-progress", *extra]
     if n > 1:
-        cmd = [str(MPIEXEC), "-n", str(n), *cmd]
+        cmd = [str(mpiexec), "-n", str(n), *cmd]
     if popen:
         return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
@@ -55,9 +52,9 @@ def _train(cfg, run, n=1, extra=(), timeout=400, popen=False):
 
 
 def test_2_2_2_follows_single_process(setup):
-    d, cfg = setup
+    d, cfg, mpiexec = setup
     single = _train(cfg, d / "single")
-    par = _train(cfg, d / "p222", n=8, extra=("--tp", "2", "--pp", "2"))
+    par = _train(cfg, d / "p222", n=8, extra=("--tp", "2", "--pp", "2"), mpiexec=mpiexec)
     assert [r["step"] for r in par] == list(range(1, 21))
     assert par[0]["batch_size"] < par[-1]["batch_size"]  # batch-size warm-up changes the micro-batch count
     for a, b in zip(single, par):
@@ -67,11 +64,11 @@ def test_2_2_2_follows_single_process(setup):
 
 
 def test_resume_under_mpiexec_tp2_pp2_is_bit_identical(setup):
-    d, cfg = setup
+    d, cfg, mpiexec = setup
     tp_pp = ("--tp", "2", "--pp", "2", "--steps", "12")
-    straight = _train(cfg, d / "straight", n=4, extra=tp_pp)
+    straight = _train(cfg, d / "straight", n=4, extra=tp_pp, mpiexec=mpiexec)
     run = d / "killed"
-    p = _train(cfg, run, n=4, extra=tp_pp, popen=True)
+    p = _train(cfg, run, n=4, extra=tp_pp, popen=True, mpiexec=mpiexec)
     deadline = time.time() + 300
     killed = False
     while time.time() < deadline and p.poll() is None:
@@ -86,7 +83,7 @@ def test_resume_under_mpiexec_tp2_pp2_is_bit_identical(setup):
     assert read_log(run / "train.jsonl")[-1]["step"] < 12
     latest = int((run / "checkpoints" / "latest").read_text().split("-")[1])
     assert latest >= 5
-    resumed = _train(cfg, run, n=4, extra=tp_pp)
+    resumed = _train(cfg, run, n=4, extra=tp_pp, mpiexec=mpiexec)
     assert [r["step"] for r in resumed] == list(range(1, 13))
     for a, b in zip(straight, resumed):
         assert {k: a[k] for k in KEYS + ("lr", "batch_size", "tokens")} == \
@@ -104,7 +101,7 @@ def test_resume_on_another_layout_reshards_weights_and_adam_state(setup):
     the TP x PP checkpoint read back by one process gives the gathered weights exactly."""
     import shutil
 
-    d, cfg = setup
+    d, cfg, mpiexec = setup
     flags = ("--steps", "12", "--save-interval", "6")
     single = _train(cfg, d / "rs", extra=flags)
     run = d / "rp"
@@ -112,7 +109,7 @@ def test_resume_on_another_layout_reshards_weights_and_adam_state(setup):
     shutil.copytree(d / "rs" / "checkpoints" / "step-00000006", run / "checkpoints" / "step-00000006")
     (run / "checkpoints" / "latest").write_text("step-00000006\n")
     shutil.copyfile(d / "rs" / "train.jsonl", run / "train.jsonl")
-    par = _train(cfg, run, n=4, extra=(*flags, "--tp", "2", "--pp", "2"))
+    par = _train(cfg, run, n=4, extra=(*flags, "--tp", "2", "--pp", "2"), mpiexec=mpiexec)
     assert [r["step"] for r in par] == list(range(1, 13))
     for a, b in zip(single[6:], par[6:]):
         for k in KEYS:

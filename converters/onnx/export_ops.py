@@ -99,11 +99,10 @@ def cached_attention(qkv: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tens
     qk = reference.rotary(x[:, :heads + kv_heads], cos_table[position_ids], sin_table[position_ids], layout)
     q, k, v = qk[:, :heads], qk[:, heads:], x[:, heads + kv_heads:]
     K, V = torch.cat((past_k, k), 2), torch.cat((past_v, v), 2)
-    total_len, rep = K.shape[2], heads // kv_heads
-    scores = q.float() @ K.float().repeat_interleave(rep, 1).transpose(-1, -2) * scale + bias.float()
-    future = torch.arange(total_len)[None, :] > torch.arange(total_len - S, total_len)[:, None]
-    o = scores.masked_fill(future, float("-inf")).softmax(-1) @ V.float().repeat_interleave(rep, 1)
-    return o.transpose(1, 2).reshape(B, S, heads * d).to(qkv.dtype), K, V
+    total_len = K.shape[2]
+    causal = torch.arange(total_len)[None, :] <= torch.arange(total_len - S, total_len)[:, None]
+    o = reference.attention(q, K, V, causal & (bias == 0), scale)  # the export's bias: 0 or the most negative
+    return o.transpose(1, 2).reshape(B, S, heads * d), K, V
 
 
 for _op in (rms_norm, layer_norm, rotary, gelu_tanh):

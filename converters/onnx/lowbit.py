@@ -42,7 +42,8 @@ def marker_node():
                       attributes={"bits": "INT"})
 
 
-def matmul_nbits_tensors(qweight: np.ndarray, scale: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+def matmul_nbits_tensors(qweight: np.ndarray, scale: np.ndarray, bits: int,
+                         block: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, scales) of ``MatMulNBits`` with blocks of ``block`` for our ``qweight`` (int8
     [N, K] or [N, K/2] packed) and ``scale`` ([N] per row, or [N, K/block'] block-wise with
     block' a multiple of ``block``)."""
