@@ -16,6 +16,7 @@ keeps emitting the pad token; generation ends early when every row has stopped.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -55,16 +56,29 @@ def process_logits(logits: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
 
 def next_tokens(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
     if not s.do_sample:
-        return logits.argmax(-1)
+        return greedy(logits)
     probs = process_logits(logits, s).softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The most likely token of each row of [B, V] logits (the first, at a tie).
+
+    In host memory this is numpy's argmax: torch's CPU argmax over the last dimension is a
+    scalar loop, measured at 46 us over a 16K vocabulary and 394 us over GLM-4's 151,552
+    against numpy's 3 and 24 us, a few percent of a small model's decode step. Both return
+    the first maximal index."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    return logits.argmax(-1)
 
 
 def check_finite(logits: torch.Tensor, step: int) -> None:
     """Non-finite logits (NaN or inf weights, an overflow) must not become text: one line
     naming the step instead. The extremes are checked (a NaN or an inf shows in them): one
-    reduction, ~10x cheaper than an elementwise test over a GLM-4 vocabulary."""
-    if not bool(torch.isfinite(torch.stack(torch.aminmax(logits))).all()):
+    reduction, ~10x cheaper than an elementwise test over a GLM-4 vocabulary, read back as
+    two Python floats (a few small tensor ops more cost as much as the reduction)."""
+    if not all(math.isfinite(x.item()) for x in torch.aminmax(logits)):
         raise GLMError(f"the model produced non-finite logits at generation step {step} (the weights contain "
                        "NaN/inf values, or the computation overflowed)")
 
@@ -172,10 +186,11 @@ class DecodeBatch:
         lengths = self.host_length[:n]
         width = self.max_len if fixed_shape else max(lengths) + 1
         self.tokens[:n, 0] = tokens
-        self.real[self._row_ids[:n], self.length[:n]] = True
         if self.aligned and not fixed_shape:
+            self.real[:n, lengths[0]] = True  # one column: a slice write, not a per-row index
             start, mask = lengths[0], None if self.unpadded else self.real[:n, None, None, :width]
         else:
+            self.real[self._row_ids[:n], self.length[:n]] = True
             start, mask = self.length[:n], self.real[:n, None, None, :width]
         logits = self.model(self.tokens[:n], self.next_pos[:n].unsqueeze(-1), mask, cache=self.cache, start=start)
         return logits[:, -1]

@@ -8,7 +8,8 @@ from conftest import left_padded_batch
 
 from glm_runtime.api import GLM
 from glm_runtime.core.build import build_model
-from glm_runtime.core.generation import SamplingConfig, process_logits
+from glm_runtime.core.errors import GLMError
+from glm_runtime.core.generation import SamplingConfig, check_finite, greedy, process_logits
 from glm_runtime.core.presets import preset
 from glm_runtime.core.registry import get_backend
 
@@ -34,6 +35,24 @@ def test_logit_processing_matches_transformers(top_k, top_p, temp):
     got = process_logits(logits, SamplingConfig(top_k=top_k, top_p=top_p, temperature=temp))
     assert torch.equal(torch.isinf(got), torch.isinf(want))
     assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
+
+
+def test_greedy_is_torch_argmax_first_index_at_ties():
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
+    logits[1, [7, 500]] = 100.0  # a tie: the first index wins, as in torch.argmax
+    logits[2, :] = 0.0
+    got = greedy(logits[:, :999])  # a non-contiguous view, as generation's logits[:, -1] is
+    assert got.dtype == torch.long and torch.equal(got, logits[:, :999].argmax(-1))
+    assert got.tolist()[1:] == [7, 0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_name_the_step(bad):
+    logits = torch.zeros(2, 50)
+    check_finite(logits, 3)
+    logits[1, 17] = bad
+    with pytest.raises(GLMError, match="non-finite logits at generation step 3"):
+        check_finite(logits, 3)
 
 
 def test_sampling_is_seeded():
