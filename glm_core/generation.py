@@ -221,8 +221,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if s.do_sample:
         gen = torch.Generator(device=dev)
         gen.manual_seed(s.seed if s.seed is not None else torch.seed())
-    stops = torch.tensor(sorted(set(s.stop_token_ids)), dtype=torch.long, device=dev)
-    unfinished = torch.ones(B, dtype=torch.bool, device=dev)
+    # Stop tokens are tracked on the host: one read-back of the step's tokens (none without
+    # stop tokens) instead of a few small device ops a step, each costing tens of us on a CPU
+    # whose caches the step's weights have just flushed. A row that stopped has a device
+    # mask from then on, which turns its later tokens into padding.
+    stops = frozenset(s.stop_token_ids)
+    done, stopped = [False] * B, None
     out = torch.full((B, T + N), pad_token_id, dtype=torch.long, device=dev)
     out[:, :T] = input_ids
     if attention_mask is None:
@@ -241,13 +245,19 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             logits = model(out[:, :T + step], pos, mask, logits_index=last + step)[:, -1]
         logits = logits.float()
         check_finite(logits, step)
-        tok = torch.where(unfinished, next_tokens(logits, s, gen), pad_token_id)
+        tok = next_tokens(logits, s, gen)
+        if stopped is not None:
+            tok = tok.masked_fill(stopped, pad_token_id)
         out[:, T + step] = tok
         if stream is not None:
             stream(tok)
-        if len(stops):
-            unfinished &= ~torch.isin(tok, stops)
-        if step == N - 1 or not bool(unfinished.any()):
+        if stops:
+            now = [d or t in stops for d, t in zip(done, tok.tolist())]
+            if all(now):
+                return out[:, :T + step + 1]
+            if now != done:
+                done, stopped = now, torch.tensor(now, device=dev)
+        if step == N - 1:
             return out[:, :T + step + 1]
         if use_cache:
             logits = batch.step(B, tok)

@@ -265,7 +265,7 @@ class OnnxRunner:
         if cache is not None and start != cache.length:
             raise BackendError(f"the onnx runner's cache holds {cache.length} positions, not {start}")
         if mask is None:  # GLMModel's "attend to everything"
-            mask = torch.ones(B, 1, T, start + T, dtype=torch.bool)
+            mask = np.ones((B, 1, T, start + T), np.bool_)
         feeds = layout.feeds(c, input_ids, position_ids, mask, (), logits_index)
         if cache is not None and self.in_place:
             if start + T > cache.max_len:

@@ -70,7 +70,7 @@ def output_names(config: GLMConfig) -> list[str]:
 
 
 def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logits_index=None) -> dict:
-    """The session's input dict from torch tensors; ``past`` is one (key, value) pair per
+    """The session's input dict from torch tensors (or arrays); ``past`` is one (key, value) pair per
     layer; ``logits_index`` defaults to every position. onnxruntime needs contiguous
     arrays of exactly the graph's dtypes."""
 
