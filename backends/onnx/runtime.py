@@ -214,11 +214,11 @@ class OrtCache:
              output: bool = False) -> np.ndarray:
         """The array bound as ``name``: the one bound before when its shape is the same (an
         input's ``value`` copied into it), else a new one bound in its place."""
-        import onnxruntime as ort
-
         shape = value.shape if shape is None else shape
         kept = self._bound.get(name)
         if kept is None or kept[0].shape != shape:
+            import onnxruntime as ort
+
             array = np.empty(shape, np.float32 if value is None else value.dtype)
             kept = self._bound[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
             (self._binding.bind_ortvalue_output if output else self._binding.bind_ortvalue_input)(name, kept[1])
@@ -253,8 +253,6 @@ class OnnxRunner:
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                  cache: OrtCache | None = None, start: int | torch.Tensor = 0,
                  logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
-
         c = self.config
         B, T = input_ids.shape
         if not isinstance(start, int):
@@ -277,6 +275,8 @@ class OnnxRunner:
             self.ops.run_with_binding(binding)
             cache.length = start + T
             return torch.from_numpy(logits.copy())  # the buffer is the next step's
+        import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
+
         binding = self.ops.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
