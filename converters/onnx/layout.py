@@ -70,9 +70,9 @@ def output_names(config: GLMConfig) -> list[str]:
 
 
 def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logits_index=None) -> dict:
-    """The session's input dict from torch tensors (or arrays); ``past`` is one (key, value) pair per
-    layer; ``logits_index`` defaults to every position. onnxruntime needs contiguous
-    arrays of exactly the graph's dtypes."""
+    """The session's input dict from torch tensors (or arrays); ``past`` is one (key,
+    value) pair per layer; ``logits_index`` defaults to every position. onnxruntime needs
+    contiguous arrays of exactly the graph's dtypes."""
 
     def arr(t, dtype):
         return np.ascontiguousarray(t.numpy() if hasattr(t, "numpy") else t, dtype=dtype)
