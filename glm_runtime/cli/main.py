@@ -27,7 +27,7 @@ disable_torch_device_autoload()  # before any subcommand module imports torch
 
 from glm_runtime.core.errors import GLMError  # noqa: E402
 from glm_runtime.core.files import describe_os_error  # noqa: E402
-from glm_runtime.parallel.bootstrap import fail_fast, shutdown  # noqa: E402
+from glm_runtime.parallel.bootstrap import fail_fast, finish  # noqa: E402
 
 COMMANDS = [
     "glm_runtime.cli.generate",
@@ -103,12 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"glmrt {args.command_name}"
     try:
         with fail_fast(prefix):
-            rc = int(args._run(args) or 0)
-            # a rank's process group is destroyed here, on the normal path: left to the
-            # interpreter's teardown, gloo's worker threads were sometimes destroyed while
-            # joinable ("terminate called without an active exception", seen once in 8-rank training)
-            shutdown()
-            return rc
+            return finish(int(args._run(args) or 0))  # a rank of a job leaves here (bootstrap.finish)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
