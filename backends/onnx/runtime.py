@@ -205,9 +205,9 @@ class OrtCache:
             self._arrays = [np.zeros(shape, np.float32) for _ in range(2 * config.num_layers)]
             self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
             self._binding = session.io_binding()
-            for name, value in zip(layout.past_names(config), self.values):
-                self._binding.bind_ortvalue_input(name, value)
-                self._binding.bind_ortvalue_output(name.replace("past_", "present_", 1), value)
+            for past, present, value in zip(layout.past_names(config), layout.present_names(config), self.values):
+                self._binding.bind_ortvalue_input(past, value)
+                self._binding.bind_ortvalue_output(present, value)
         return self._binding
 
     def bind(self, name: str, value: np.ndarray | None = None, shape: tuple | None = None,

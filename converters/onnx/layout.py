@@ -61,12 +61,18 @@ def past_names(config: GLMConfig) -> list[str]:
     return [f"past_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
 
 
+def present_names(config: GLMConfig) -> list[str]:
+    """The cache outputs, in the order of :func:`past_names` (the i-th present is the next
+    step's i-th past, and the same buffer when the cache is written in place)."""
+    return [f"present_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+
+
 def input_names(config: GLMConfig) -> list[str]:
     return ["input_ids", "position_ids", "attention_mask", "logits_index"] + past_names(config)
 
 
 def output_names(config: GLMConfig) -> list[str]:
-    return ["logits"] + [f"present_{kv}.{i}" for i in range(config.num_layers) for kv in ("key", "value")]
+    return ["logits"] + present_names(config)
 
 
 def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logits_index=None) -> dict:
