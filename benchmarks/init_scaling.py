@@ -125,33 +125,35 @@ def _rank_main(mode: str, repeats: int) -> None:
 
 def _connections_main() -> None:
     """One rank of the connection count: bootstrap, a (2, 2, N/4) topology, then count
-    this process's TCP sockets to the store and to peers."""
+    the TCP sockets this process opened for the store and its peers."""
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     import torch.distributed as dist
-    from mpi4py import MPI
+    from mpi4py import MPI  # noqa: F401 - MPI's own sockets open here, before the count starts
 
     from glm_runtime.parallel import bootstrap
     from glm_runtime.parallel.topology import Topology
 
-    def sockets() -> int:
-        n = 0
+    def sockets() -> set[str]:
+        found = set()
         for fd in os.listdir("/proc/self/fd"):
             try:
-                n += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+                link = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
-                pass
-        return n
+                continue
+            if link.startswith("socket:"):
+                found.add(link)
+        return found
 
-    comm = MPI.COMM_WORLD
-    base = sockets()  # MPI's own
+    mpi_own = sockets()  # init finalizes MPI once every rank arrived; these are not counted
     ctx = bootstrap.init("cpu")
-    after_store_pg = sockets() - base
+    after_store_pg = len(sockets() - mpi_own)
     world = ctx.world_size
     topo = Topology(tp=2 if world >= 2 else 1, pp=2 if world >= 4 else 1, device_type="cpu")
     dist.barrier()
-    after_groups = sockets() - base
-    counts = comm.gather((after_store_pg, after_groups, topo.groups_created), root=0)
-    if comm.Get_rank() == 0:
+    after_groups = len(sockets() - mpi_own)
+    counts = [None] * world
+    dist.all_gather_object(counts, (after_store_pg, after_groups, topo.groups_created))
+    if ctx.rank == 0:
         print("CONN " + json.dumps({"world": world, "rank0": counts[0], "others_max": max(counts[1:] or [counts[0]]),
                                     "others_min": min(counts[1:] or [counts[0]])}), flush=True)
     bootstrap.shutdown()

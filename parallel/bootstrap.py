@@ -31,6 +31,7 @@ arrival's key (O(N) store messages), so a missing rank is reported by count
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import fcntl
 import os
@@ -173,6 +174,21 @@ def wait_for_all(store, info: LaunchInfo, timeout: datetime.timedelta, key: str 
                                "cannot reach the store)") from None
 
 
+def release_mpi(info: LaunchInfo) -> None:
+    """Finalize MPI once every rank has arrived, when the job was discovered through it.
+
+    MPI's only work here is the rendezvous (one broadcast); the job's communication is the
+    process group's. Finalizing while every rank is alive and waiting means that at the
+    end each rank leaves on its own, without MPI's collective finalize (which would hold
+    every rank until the slowest, e.g. rank 0 writing the model)."""
+    if info.comm is None:
+        return
+    from mpi4py import MPI  # discovery imported it
+
+    if not MPI.Is_finalized():
+        MPI.Finalize()
+
+
 @dataclass
 class DistContext:
     """A started job: launch info, the store, this rank's device and the start-up timings."""
@@ -222,6 +238,7 @@ def init(backend=None, rank: int | None = None, world_size: int | None = None, l
     t0 = time.perf_counter()
     wait_for_all(store, info, timeout)
     t.arrival = time.perf_counter() - t0
+    release_mpi(info)
     device = b.setup_process(info.local_rank)
     t0 = time.perf_counter()
     kw = {} if device.type == "cpu" else {"device_id": device}  # eager communicator on accelerators
@@ -246,27 +263,27 @@ def shutdown() -> None:
 
 def finish(rc: int) -> int:
     """The normal end of a command: in a job of several ranks, destroy the process group,
-    finalize MPI if this rank used it, flush and leave with ``os._exit(rc)``; alone, destroy
-    the process group (if any) and return ``rc``.
+    flush and leave with the C library's ``exit(rc)``; alone, destroy the process group
+    (if any) and return ``rc``.
 
     A rank skips the interpreter's teardown on purpose. There, C++ objects that own threads
     (gloo's, the store's) are destroyed in no set order, and in 8-rank training a rank
     sometimes aborted after its work was done ("terminate called without an active
     exception", exit status 15 under mpiexec), also with the process group destroyed
     first. Nothing is lost by skipping it: commands write their files atomically before
-    they return, and the MPI finalization it would have run is done here."""
+    they return.
+
+    ``exit`` rather than ``os._exit``: the C library's exit handlers still run, and MPICH
+    (5.0) ends its link to the launcher there, not in ``MPI_Finalize``. A rank that left
+    with ``os._exit`` was taken for a crash, and the launcher SIGKILLed the ranks still at
+    work (mpiexec exit status 9)."""
     ctx = _context
     shutdown()
     if ctx is None or ctx.world_size < 2:
         return rc
-    if ctx.info.comm is not None:
-        from mpi4py import MPI  # this rank discovered the job through it, so it imports
-
-        if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(rc)
+    ctypes.CDLL(None).exit(rc)
 
 
 SUPERVISED_WAIT_S = 5.0

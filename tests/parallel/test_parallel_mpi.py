@@ -70,6 +70,21 @@ def test_grid_8_ranks(mpiexec):
     _check(p, res, 2)
 
 
+def test_a_rank_that_ends_first_leaves_its_peers_at_work(mpiexec, tmp_path):
+    """Under mpiexec, rank 1 ends through bootstrap.finish while rank 0 still works (as
+    rank 0 writes the model after training): rank 0 finishes its work and the job exits 0.
+    A rank leaving with os._exit made MPICH's launcher SIGKILL rank 0 every time."""
+    done = tmp_path / "rank0-done"
+    code = ("import sys, time; from pathlib import Path; from glm_runtime.parallel import bootstrap\n"
+            "ctx = bootstrap.init('cpu')\n"
+            "if ctx.rank == 0:\n"
+            "    time.sleep(2); Path(sys.argv[1]).write_text('done')\n"
+            "sys.exit(bootstrap.finish(0))\n")
+    p, _ = _run([mpiexec, "-n", "2", sys.executable, "-c", code, done], timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert done.read_text() == "done"
+
+
 def test_torchrun_launch_discovers_ranks():
     """The same worker started by torchrun (env:// variables, no MPI)."""
     p, res = _run([BIN / "glmrt", "launch", "-n", "2", "--launcher", "torchrun", "--", sys.executable,
