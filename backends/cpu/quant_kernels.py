@@ -11,8 +11,9 @@ output row are applied after the product in fp32, so they are not rounded.
 
 * INT8: ``aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])`` computes
   ``x @ (w * scales[:, None]).T``; our layout as it is, with unit scales. Its bf16 path
-  needs ``K % 8 == 0`` (torch 2.13 crashes otherwise), so other widths keep fp32
-  activations there (exact, the slow scalar loop).
+  needs ``K % 16 == 0``: in torch 2.13 other widths crash or return garbage (K a multiple
+  of 8 works on AVX2 processors, not on AVX-512 ones, where K = 40 segfaulted and K = 24
+  gave 3e14), so other widths keep fp32 activations there (exact, the slow scalar loop).
 * INT4: ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, scale_zeros)``
   dequantises ``(u - 8) * scale + zero`` group-wise, where ``u`` in 0..15 is packed by
   ``aten._convert_weight_to_int4pack_for_cpu(u int32 [N, K], 1)`` and ``scale_zeros`` is
@@ -39,6 +40,7 @@ from glm_runtime.core.quant import block_of, dequantize, unpack_int4
 log = logging.getLogger("glm_runtime.backends.cpu")
 _GROUPS = (256, 128, 64, 32)
 BF16 = torch.bfloat16
+BF16_K_MULTIPLE = 16  # the INT8 kernel's bf16 path is safe for these input widths only (docstring)
 
 
 def _prepare(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
@@ -64,7 +66,7 @@ def _repack(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
                     "fp32 GEMM, dequantised once" if block else "int8 kernel")
         if block:  # the int8 kernel has one scale per row
             return "dense", dequantize(qweight, scale, bits), None, None, None
-    act = BF16 if k % 8 == 0 else torch.float32
+    act = BF16 if k % BF16_K_MULTIPLE == 0 else torch.float32
     return "int8", q.contiguous(), torch.ones(n, dtype=act), None, row_scale
 
 
