@@ -75,6 +75,20 @@ def test_kernel_matches_dequantised_reference(bits, n, k, block):
         assert_within_contract(quant_kernels.quantized_linear(x, q, s, bias, bits), x, q, s, bias, bits)
 
 
+def test_int8_kernel_takes_weights_anywhere_in_memory():
+    """A weight 8 bytes past a 64-byte boundary (as in a checkpoint's memory mapping):
+    torch's AVX-512 INT8 kernel segfaulted on it until the repacking aligned it."""
+    g = torch.Generator().manual_seed(5)
+    q0, s = quantize(torch.randn(288, 64, generator=g) * 0.02, 8)
+    buf = torch.empty(q0.numel() + 64, dtype=torch.int8)
+    start = (-buf.data_ptr()) % 64 + 8
+    q = buf[start:start + q0.numel()].view_as(q0)
+    q.copy_(q0)
+    assert q.data_ptr() % 64 == 8
+    x = torch.randn(8, 64, generator=g)
+    assert_within_contract(quant_kernels.quantized_linear(x, q, s, None, 8), x, q, s, None, 8)
+
+
 def test_block_wise_int4_is_more_accurate_than_per_row():
     """Finer scales follow the weights' local range: on weights whose magnitude varies along
     a row, block-wise INT4 errs markedly less than one scale per row."""

@@ -11,9 +11,13 @@ output row are applied after the product in fp32, so they are not rounded.
 
 * INT8: ``aten._weight_int8pack_mm(x [M, K], w int8 [N, K], scales [N])`` computes
   ``x @ (w * scales[:, None]).T``; our layout as it is, with unit scales. Its bf16 path
-  needs ``K % 16 == 0``: in torch 2.13 other widths crash or return garbage (K a multiple
-  of 8 works on AVX2 processors, not on AVX-512 ones, where K = 40 segfaulted and K = 24
-  gave 3e14), so other widths keep fp32 activations there (exact, the slow scalar loop).
+  on AVX-512 processors (torch 2.13) loads rows with aligned vector loads: a weight row
+  must start on a 16-byte boundary and an activation row on a 32-byte one, or it
+  segfaults or returns garbage (K = 40 crashed, K = 24 gave 3e14, and so did a K = 64
+  weight 8 bytes into a checkpoint's mapping). Hence bf16 activations only when
+  ``K % 16 == 0`` (other widths keep fp32 activations: exact, the slow scalar loop), and
+  weights and activations that do not start on a 64-byte boundary are copied to ones that
+  do (:func:`aligned`; once per weight, at repacking).
 * INT4: ``aten._weight_int4pack_mm_for_cpu(x [M, K], packed, group, scale_zeros)``
   dequantises ``(u - 8) * scale + zero`` group-wise, where ``u`` in 0..15 is packed by
   ``aten._convert_weight_to_int4pack_for_cpu(u int32 [N, K], 1)`` and ``scale_zeros`` is
@@ -41,6 +45,13 @@ log = logging.getLogger("glm_runtime.backends.cpu")
 _GROUPS = (256, 128, 64, 32)
 BF16 = torch.bfloat16
 BF16_K_MULTIPLE = 16  # the INT8 kernel's bf16 path is safe for these input widths only (docstring)
+ALIGN = 64  # bytes: the widest vector load; torch's CPU allocator aligns fresh tensors to it
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on an :data:`ALIGN`-byte boundary (copied if not)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
 def _prepare(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
@@ -67,7 +78,7 @@ def _repack(qweight: torch.Tensor, scale: torch.Tensor, bits: int):
         if block:  # the int8 kernel has one scale per row
             return "dense", dequantize(qweight, scale, bits), None, None, None
     act = BF16 if k % BF16_K_MULTIPLE == 0 else torch.float32
-    return "int8", q.contiguous(), torch.ones(n, dtype=act), None, row_scale
+    return "int8", aligned(q), torch.ones(n, dtype=act), None, row_scale
 
 
 def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -77,7 +88,7 @@ def quantized_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     if kind == "dense":
         return torch.nn.functional.linear(x, w.to(x.dtype), bias)
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1]).to(ks.dtype).contiguous()
+    x2 = aligned(x.reshape(-1, shape[-1]).to(ks.dtype))
     if kind == "int8":
         y = torch.ops.aten._weight_int8pack_mm(x2, w, ks)
     else:
