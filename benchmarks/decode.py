@@ -17,7 +17,7 @@ checkpoints, their quantized linears as onnxruntime's MatMulNBits); and, when
 written from the same weights (benchmarks/llama_cpp_peer.py; its f32 greedy output is
 checked against transformers' first). Every round runs every runner once, in turn, so
 that drift in the machine's speed hits them alike; ratios are taken round by round and
-their median reported.
+their median reported. Each timed call starts on an idle machine (:data:`SETTLE_S`).
 
 Reported per model and prompt length: prefill tokens/s (one prompt), decode tokens/s
 (the tokens after the first, batch 1, greedy), the ratio to transformers and to
@@ -146,11 +146,20 @@ class GLMRunner:
         return self.m.generate(ids, max_new_tokens=n, stop_token_ids=[])
 
 
+# Thread pools keep spinning on the cores for a while after their work ends (torch's
+# OpenMP, llama.cpp's): measured here, onnxruntime's fp32 prefill of 16 tokens took 27 ms
+# right after a torch runner and 22 ms half a second later. Each timed call waits this
+# long first, so that no runner is timed against the previous one's threads.
+SETTLE_S = 0.5
+
+
 def time_once(r, ids, n):
     """(prefill tokens/s, decode tokens/s) of one run; decode time = generate - prefill."""
+    time.sleep(SETTLE_S)
     t = time.perf_counter()
     r.prefill(ids)
     tp = time.perf_counter() - t
+    time.sleep(SETTLE_S)
     t = time.perf_counter()
     out = r.generate(ids, n)
     tg = time.perf_counter() - t
