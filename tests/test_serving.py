@@ -84,6 +84,14 @@ class Server:
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 
+    def wait_for(self, **want: float) -> None:
+        """Poll /metrics until each named metric has its value (the engine runs in its own
+        thread: a request answered with headers may not be admitted yet), or 10 s pass."""
+        for _ in range(200):
+            if all(self.metric(k) == v for k, v in want.items()):
+                return
+            time.sleep(0.05)
+
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=30)
@@ -312,18 +320,17 @@ def test_queue_full_is_429_and_a_dropped_stream_frees_its_slot(glm4_servers):
     s = glm4_servers["text"]
     c = s.client("sekrit")
     msgs = [{"role": "user", "content": "hi"}]
-    streams = [c.chat.completions.create(model="glm4-text", messages=msgs, max_tokens=200, stream=True)
-               for _ in range(2)]  # one decoding, one queued (max_num_seqs 1, max_queue 1)
+    streams = []
+    for running, waiting in ((1, 0), (1, 1)):  # one decoding, one queued (max_num_seqs 1, max_queue 1)
+        streams.append(c.chat.completions.create(model="glm4-text", messages=msgs, max_tokens=200, stream=True))
+        s.wait_for(glm_requests_running=running, glm_requests_waiting=waiting)
     with pytest.raises(openai.RateLimitError) as e:
         for _ in range(4):
             c.chat.completions.create(model="glm4-text", messages=msgs, max_tokens=5)
     assert e.value.response.headers.get("retry-after") == "1"
     for st in streams:
         st.close()  # the client goes away mid-stream
-    for _ in range(200):
-        if s.metric("glm_requests_running") == 0 and s.metric("glm_requests_waiting") == 0:
-            break
-        time.sleep(0.05)
+    s.wait_for(glm_requests_running=0, glm_requests_waiting=0)
     assert s.metric("glm_requests_running") == 0 and s.metric("glm_kv_cache_bytes_in_use") == 0
     assert s.metric('glm_requests_total{finish_reason="abort"}') == 2
 
