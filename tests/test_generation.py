@@ -9,7 +9,8 @@ from conftest import left_padded_batch
 from glm_runtime.api import GLM
 from glm_runtime.core.build import build_model
 from glm_runtime.core.errors import GLMError
-from glm_runtime.core.generation import SamplingConfig, check_finite, greedy, process_logits
+from glm_runtime.core.generation import (TOP_P_CANDIDATES, SamplingConfig, check_finite, greedy, process_logits,
+                                            sample, top_p_keep)
 from glm_runtime.core.presets import preset
 from glm_runtime.core.registry import get_backend
 
@@ -37,6 +38,27 @@ def test_logit_processing_matches_transformers(top_k, top_p, temp):
     assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)])
 
 
+@pytest.mark.parametrize("spread", [8.0, 0.05])  # peaked: among the candidates; flat: the full sort
+def test_top_p_over_a_large_vocabulary_matches_transformers(spread):
+    from transformers import TopPLogitsWarper
+
+    logits = torch.randn(2, 20000, generator=torch.Generator().manual_seed(1)) * spread
+    want = TopPLogitsWarper(0.8)(None, logits.clone())
+    keep = top_p_keep(logits, 0.8)
+    assert torch.equal(keep, ~torch.isinf(want))
+    assert (int(keep.sum(-1).max()) < TOP_P_CANDIDATES) == (spread > 1)  # both paths taken
+
+
+def test_sampling_draws_each_token_by_its_probability():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    probs[0] = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])  # the last token, all the mass
+    got = sample(probs, torch.Generator().manual_seed(0))
+    assert got[0] == 5
+    freq = torch.bincount(got[1:], minlength=6) / (len(got) - 1)
+    assert freq[[0, 2, 5]].sum() == 0  # probability 0 is never drawn
+    assert torch.allclose(freq[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)  # > 4 sigma at n=20000
+
+
 def test_greedy_is_torch_argmax_first_index_at_ties():
     logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     logits[1, [7, 500]] = 100.0  # a tie: the first index wins, as in torch.argmax
@@ -46,9 +68,10 @@ def test_greedy_is_torch_argmax_first_index_at_ties():
     assert got.tolist()[1:] == [7, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy's reduction, torch's
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_logits_name_the_step(bad):
-    logits = torch.zeros(2, 50)
+def test_non_finite_logits_name_the_step(bad, dtype):
+    logits = torch.zeros(2, 50, dtype=dtype)
     check_finite(logits, 3)
     logits[1, 17] = bad
     with pytest.raises(GLMError, match="non-finite logits at generation step 3"):
