@@ -88,6 +88,13 @@ def next_tokens(logits: torch.Tensor, s: SamplingConfig, gen: torch.Generator | 
     return sample(process_logits(logits, s).softmax(-1), gen)
 
 
+def host_array(logits: torch.Tensor):
+    """``logits`` as a numpy array when they are fp32 in host memory (else None): the
+    step's reductions over them are numpy's there (:func:`greedy`, :func:`check_finite`
+    say why)."""
+    return logits.detach().numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+
+
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The most likely token of each row of [B, V] logits (the first, at a tie).
 
@@ -95,9 +102,8 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     scalar loop, measured at 46 us over a 16K vocabulary and 394 us over GLM-4's 151,552
     against numpy's 3 and 24 us, a few percent of a small model's decode step. Both return
     the first maximal index."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return torch.from_numpy(logits.detach().numpy().argmax(-1))
-    return logits.argmax(-1)
+    a = host_array(logits)
+    return logits.argmax(-1) if a is None else torch.from_numpy(a.argmax(-1))
 
 
 def check_finite(logits: torch.Tensor, step: int) -> None:
@@ -111,11 +117,8 @@ def check_finite(logits: torch.Tensor, step: int) -> None:
     another thread pool (the onnx backend's): measured on 2 cores, the INT8 decode of 64
     tokens of the benchmark's GLM-4-vocabulary model took 289 ms after torch's reduction
     and 177 ms after numpy's."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        a = logits.detach().numpy()
-        extremes = (a.min(), a.max())
-    else:
-        extremes = torch.aminmax(logits)
+    a = host_array(logits)
+    extremes = torch.aminmax(logits) if a is None else (a.min(), a.max())
     if not all(math.isfinite(float(x)) for x in extremes):
         raise GLMError(f"the model produced non-finite logits at generation step {step} (the weights contain "
                        "NaN/inf values, or the computation overflowed)")
