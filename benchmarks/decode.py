@@ -20,7 +20,8 @@ that drift in the machine's speed hits them alike; ratios are taken round by rou
 their median reported. Each timed call starts on an idle machine (:data:`SETTLE_S`).
 
 Reported per model and prompt length: prefill tokens/s (one prompt), decode tokens/s
-(the tokens after the first, batch 1, greedy), the ratio to transformers and to
+(the tokens after the first, batch 1, greedy: timed inside the generating call, from the
+moment its first new token is out to the moment its last is, see :class:`TokenClock`), the ratio to transformers and to
 llama.cpp at the same bit width, the bytes a decode step must read (every weight but the
 embedding table, of which one row is read) and the fraction of the bandwidth roofline
 reached (``tokens/s x bytes / bandwidth``; the bandwidth is measured here by streaming
@@ -113,6 +114,31 @@ def gguf_decode_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors if not t.name.startswith("token_embd"))
 
 
+class TokenClock:
+    """Stamps the time each new token comes out of a generating call (a streamer callback;
+    transformers' streamer interface ``put``/``end`` too). Decode time is the span from the
+    first new token to the last: the n - 1 single-token steps, each with its sampling and
+    host work, and nothing of the prompt. Earlier this benchmark took generate - prefill,
+    two separately timed calls, whose difference on a 512-token prompt carried all the
+    noise of a prefill as long as the decode itself."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, _tokens=None) -> None:
+        self.stamps.append(time.perf_counter())
+
+    put = __call__  # transformers: the prompt first, then each new token
+
+    def end(self) -> None:
+        pass
+
+    def decode_seconds(self, n: int) -> float:
+        """Seconds from the first to the last of the ``n`` new tokens."""
+        new = self.stamps[-n:]
+        return new[-1] - new[0]
+
+
 class HFRunner:
     bits = "fp32"
 
@@ -128,8 +154,11 @@ class HFRunner:
 
     @torch.inference_mode()
     def generate(self, ids, n):
-        return self.m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=COMMON["pad_token_id"])
+        clock = TokenClock()
+        out = self.m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=COMMON["pad_token_id"], streamer=clock)
+        self.decode_seconds = clock.decode_seconds(n)
+        return out
 
 
 class GLMRunner:
@@ -143,7 +172,10 @@ class GLMRunner:
         self.m.generate(ids, max_new_tokens=1, stop_token_ids=[])
 
     def generate(self, ids, n):
-        return self.m.generate(ids, max_new_tokens=n, stop_token_ids=[])
+        clock = TokenClock()
+        out = self.m.generate(ids, max_new_tokens=n, stop_token_ids=[], streamer=clock)
+        self.decode_seconds = clock.decode_seconds(n)
+        return out
 
 
 # Thread pools keep spinning on the cores for a while after their work ends (torch's
@@ -154,17 +186,16 @@ SETTLE_S = 0.5
 
 
 def time_once(r, ids, n):
-    """(prefill tokens/s, decode tokens/s) of one run; decode time = generate - prefill."""
+    """(prefill tokens/s, decode tokens/s) of one run: a timed prefill call, then a
+    generating call that times its own decode steps (``r.decode_seconds``)."""
     time.sleep(SETTLE_S)
     t = time.perf_counter()
     r.prefill(ids)
     tp = time.perf_counter() - t
     time.sleep(SETTLE_S)
-    t = time.perf_counter()
     out = r.generate(ids, n)
-    tg = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + n, (r.name, out.shape)
-    return ids.shape[1] / tp, (n - 1) / max(tg - tp, 1e-9)  # the first new token comes from the prefill
+    return ids.shape[1] / tp, (n - 1) / r.decode_seconds  # the first new token comes from the prefill
 
 
 def time_all(runners, ids, n, repeat, progress):

@@ -374,12 +374,13 @@ class LlamaCppRunner:
         toks = self._start(ids, n)
         self._decode(toks, 0)
         out = list(toks)
-        t = time.perf_counter()
         for i in range(n):
             out.append(self._argmax())
+            if i == 0:
+                t = time.perf_counter()  # the first new token is out
             if i < n - 1:
                 self._decode(out[-1:], len(out) - 1)
-        self.decode_seconds = time.perf_counter() - t  # the n - 1 single-token steps
+        self.decode_seconds = time.perf_counter() - t  # the n - 1 single-token steps, to the last token
         return torch.tensor([out], dtype=torch.long)
 
 
@@ -397,7 +398,7 @@ CHECK_CONFIG = {"vocab_size": 16384, "hidden_size": 768, "num_hidden_layers": 12
 def _decode_tps(r: LlamaCppRunner, ids: torch.Tensor, n: int, repeat: int) -> float:
     """Decode tokens/s: (n - 1) single-token steps over the time ``generate`` spent in them,
     median of ``repeat`` after a warm-up. Timed inside the runner rather than as
-    generate - prefill (decode.py's way), which on a noisy 2-core VM can even go negative."""
+    generate - prefill, which on a noisy 2-core VM can even go negative."""
     r.generate(ids, 4)
     rates = []
     for _ in range(repeat):
