@@ -183,9 +183,12 @@ class OrtCache:
 
     In place, the binding itself is kept: the buffers are bound once, and so are a step's
     inputs and logits, into arrays a step of the same shapes copies into; only what changes
-    shape is bound again (the mask, one position wider each decode step). A step of the 98M
-    INT4 benchmark model is ~4.5 ms: rebinding 48 buffers and fetching 49 outputs took a
-    few tenths, and binding four inputs and the logits afresh another ~0.1 ms."""
+    shape is bound again (the mask, one position wider each decode step: for an unpadded
+    step, a view of one array of ones). A step of the 98M INT4 benchmark model is ~3 ms:
+    rebinding 48 buffers and fetching 49 outputs took a few tenths, and binding four inputs
+    and the logits afresh another ~0.1 ms. Between two steps every host call counts: the
+    step's weights have just flushed the caches, so each numpy or torch call costs 5-30 us
+    there (against ~1 us in a loop), and a step's host work was ~40 of them."""
 
     def __init__(self, rows: int, max_len: int):
         self.rows, self.max_len = rows, max_len
@@ -194,6 +197,7 @@ class OrtCache:
         self._binding = None
         self._arrays: list[np.ndarray] = []  # what the in-place buffers' OrtValues point into
         self._bound: dict[str, tuple] = {}  # input or output name -> (array, the OrtValue over it)
+        self._ones: np.ndarray | None = None  # an unpadded decode step's mask: views of this
 
     def in_place_binding(self, session, config, rows: int):
         """The IOBinding with each layer's buffer (zeros, made at the first step) bound as
@@ -211,20 +215,31 @@ class OrtCache:
         return self._binding
 
     def bind(self, name: str, value: np.ndarray | None = None, shape: tuple | None = None,
-             output: bool = False) -> np.ndarray:
+             dtype=np.float32, output: bool = False) -> np.ndarray:
         """The array bound as ``name``: the one bound before when its shape is the same (an
-        input's ``value`` copied into it), else a new one bound in its place."""
+        input's ``value`` copied into it, as ``dtype``), else a new one bound in its place."""
         shape = value.shape if shape is None else shape
         kept = self._bound.get(name)
         if kept is None or kept[0].shape != shape:
             import onnxruntime as ort
 
-            array = np.empty(shape, np.float32 if value is None else value.dtype)
+            array = np.empty(shape, dtype)
             kept = self._bound[name] = (array, ort.OrtValue.ortvalue_from_numpy(array))
             (self._binding.bind_ortvalue_output if output else self._binding.bind_ortvalue_input)(name, kept[1])
         if value is not None:
             np.copyto(kept[0], value)
         return kept[0]
+
+    def bind_all_ones(self, name: str, rows: int, width: int) -> None:
+        """Bind a [rows, 1, 1, width] mask of ones (one decode step, no padding) as a view
+        of one array made once: no array to fill or copy each step."""
+        import onnxruntime as ort
+
+        if self._ones is None or self._ones.size < rows * width:
+            self._ones = np.ones(self.rows * self.max_len, np.bool_)
+        view = self._ones[:rows * width].reshape(rows, 1, 1, width)
+        self._bound[name] = (view, ort.OrtValue.ortvalue_from_numpy(view))
+        self._binding.bind_ortvalue_input(name, self._bound[name][1])
 
 
 class OnnxRunner:
@@ -262,19 +277,11 @@ class OnnxRunner:
             raise BackendError("the onnx runner needs a cache to continue at a position > 0")
         if cache is not None and start != cache.length:
             raise BackendError(f"the onnx runner's cache holds {cache.length} positions, not {start}")
+        if cache is not None and self.in_place:
+            return self._step_in_place(input_ids, position_ids, mask, cache, start, logits_index)
         if mask is None:  # GLMModel's "attend to everything"
             mask = np.ones((B, 1, T, start + T), np.bool_)
         feeds = layout.feeds(c, input_ids, position_ids, mask, (), logits_index)
-        if cache is not None and self.in_place:
-            if start + T > cache.max_len:
-                raise BackendError(f"the KV cache of {cache.max_len} positions is full (need {start + T})")
-            binding = cache.in_place_binding(self.ops.session, c, B)
-            for name, value in feeds.items():
-                cache.bind(name, value)
-            logits = cache.bind("logits", shape=(B, len(feeds["logits_index"]), c.vocab_size), output=True)
-            self.ops.run_with_binding(binding)
-            cache.length = start + T
-            return torch.from_numpy(logits.copy())  # the buffer is the next step's
         import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
 
         binding = self.ops.session.io_binding()
@@ -291,3 +298,30 @@ class OnnxRunner:
         if cache is not None:
             cache.values, cache.length = out[1:], start + T
         return torch.from_numpy(out[0].numpy())
+
+    def _step_in_place(self, input_ids, position_ids, mask, cache: OrtCache, start: int, logits_index):
+        """One call on the cache's kept binding (:class:`OrtCache`): the inputs are copied
+        into the bound arrays straight from the callers' tensors, no feed dict between."""
+        B, T = input_ids.shape
+        if start + T > cache.max_len:
+            raise BackendError(f"the KV cache of {cache.max_len} positions is full (need {start + T})")
+        binding = cache.in_place_binding(self.ops.session, self.config, B)
+        dtypes = layout.INPUT_DTYPES
+        cache.bind("input_ids", _array(input_ids), dtype=dtypes["input_ids"])
+        cache.bind("position_ids", _array(position_ids), dtype=dtypes["position_ids"])
+        if mask is None and T == 1:
+            cache.bind_all_ones("attention_mask", B, start + T)
+        else:
+            mask = np.ones((B, 1, T, start + T), np.bool_) if mask is None else _array(mask)
+            cache.bind("attention_mask", mask, dtype=dtypes["attention_mask"])
+        index = np.arange(T) if logits_index is None else _array(logits_index)
+        cache.bind("logits_index", index, dtype=dtypes["logits_index"])
+        logits = cache.bind("logits", shape=(B, len(index), self.config.vocab_size), output=True)
+        self.ops.run_with_binding(binding)
+        cache.length = start + T
+        return torch.from_numpy(logits.copy())  # the buffer is the next step's
+
+
+def _array(t) -> np.ndarray:
+    """A torch tensor's host array (shared memory), or the array given."""
+    return t.numpy() if isinstance(t, torch.Tensor) else t

@@ -75,6 +75,10 @@ def output_names(config: GLMConfig) -> list[str]:
     return ["logits"] + present_names(config)
 
 
+# the graph's dtype of each step input (the past and present are fp32)
+INPUT_DTYPES = {"input_ids": np.int64, "position_ids": np.int64, "attention_mask": np.bool_, "logits_index": np.int64}
+
+
 def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logits_index=None) -> dict:
     """The session's input dict from torch tensors (or arrays); ``past`` is one (key,
     value) pair per layer; ``logits_index`` defaults to every position. onnxruntime needs
@@ -83,9 +87,9 @@ def feeds(config: GLMConfig, input_ids, position_ids, attention_mask, past, logi
     def arr(t, dtype):
         return np.ascontiguousarray(t.numpy() if hasattr(t, "numpy") else t, dtype=dtype)
 
-    out = {"input_ids": arr(input_ids, np.int64), "position_ids": arr(position_ids, np.int64),
-           "attention_mask": arr(attention_mask, np.bool_),
-           "logits_index": np.arange(input_ids.shape[1]) if logits_index is None else arr(logits_index, np.int64)}
+    index = np.arange(input_ids.shape[1]) if logits_index is None else logits_index
+    out = {name: arr(t, INPUT_DTYPES[name]) for name, t in (("input_ids", input_ids), ("position_ids", position_ids),
+                                                            ("attention_mask", attention_mask), ("logits_index", index))}
     for i, (k, v) in enumerate(past):
         out[f"past_key.{i}"] = arr(k, np.float32)
         out[f"past_value.{i}"] = arr(v, np.float32)
