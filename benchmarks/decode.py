@@ -15,9 +15,10 @@ of 32 inputs, an INT8 output projection; the onnx runs use exports of those same
 checkpoints, their quantized linears as onnxruntime's MatMulNBits); and, when
 ``llama-cpp-python`` and ``gguf`` are installed, llama.cpp at f32, q8_0 and q4_0 on a GGUF
 written from the same weights (benchmarks/llama_cpp_peer.py; its f32 greedy output is
-checked against transformers' first). Every round runs every runner once, in turn, so
-that drift in the machine's speed hits them alike; ratios are taken round by round and
-their median reported. Each timed call starts on an idle machine (:data:`SETTLE_S`).
+checked against transformers' first). Every round runs every runner once, those of one
+bit width side by side and every other round in reverse order, so that drift in the
+machine's speed hits peers alike; ratios are taken round by round and their median
+reported. Each timed call starts on an idle machine (:data:`SETTLE_S`).
 
 Reported per model and prompt length: prefill tokens/s (one prompt), decode tokens/s
 (the tokens after the first, batch 1, greedy: timed inside the generating call, from the
@@ -198,15 +199,25 @@ def time_once(r, ids, n):
     return ids.shape[1] / tp, (n - 1) / r.decode_seconds  # the first new token comes from the prefill
 
 
+def timing_order(runners) -> list:
+    """The runners as a round times them: those of one bit width side by side (glm-runtime's
+    beside llama.cpp's), so that a ratio compares runs seconds apart. The machine's speed
+    drifts over tens of seconds here, and with the peers a whole round apart their ratio
+    moved by ~0.15 from run to run."""
+    return sorted(runners, key=lambda r: (r.name != "transformers", BITS.index(r.bits)))
+
+
 def time_all(runners, ids, n, repeat, progress):
     """Per runner: medians of prefill and decode tokens/s, and per-round ratios to
-    transformers and to llama.cpp at the same bit width."""
+    transformers and to llama.cpp at the same bit width. Every other round runs in reverse
+    order, so that no runner is always timed first after its peer."""
     for r in runners:  # warm-up
         r.prefill(ids)
         r.generate(ids, 4)
+    order = timing_order(runners)
     rounds = []
     for i in range(repeat):
-        rounds.append({r.name: time_once(r, ids, n) for r in runners})
+        rounds.append({r.name: time_once(r, ids, n) for r in (order if i % 2 == 0 else order[::-1])})
         progress(f"  round {i + 1}/{repeat} done")
     out = {}
     llama = {r.bits: r.name for r in runners if r.name.startswith("llama.cpp")}
