@@ -172,6 +172,19 @@ def test_greedy_generation_identical(pairs, name):
     assert min(len(set(r)) for r in ref[:, ids.shape[1]:].tolist()) > 8  # not a degenerate repeat
 
 
+@pytest.mark.parametrize("name", ["tiny-glm-130b", "tiny-glm-4+hd32"])
+def test_unpadded_batch_generation_identical(pairs, name):
+    """Rows of one length: no mask reaches the runner, whose decode steps then bind views
+    of one array of ones (several rows, a new width each step) instead of a mask."""
+    p = pairs(name)
+    ids = infill_batch(p.cfg)[0][:1].repeat(2, 1)
+    ids[1, :3] = torch.tensor([41, 42, 43])
+    ref = p.cpu.generate(ids, max_new_tokens=12, stop_token_ids=[])
+    got = p.onnx.generate(ids, max_new_tokens=12, stop_token_ids=[])
+    assert torch.equal(got, ref)
+    assert not torch.equal(ref[0], ref[1])
+
+
 def test_uncached_generation_matches_cached(pairs):
     p = pairs("tiny-chatglm-6b")
     ids, am = infill_batch(p.cfg)
