@@ -279,8 +279,7 @@ class OnnxRunner:
             raise BackendError(f"the onnx runner's cache holds {cache.length} positions, not {start}")
         if cache is not None and self.in_place:
             return self._step_in_place(input_ids, position_ids, mask, cache, start, logits_index)
-        if mask is None:  # GLMModel's "attend to everything"
-            mask = np.ones((B, 1, T, start + T), np.bool_)
+        mask = _attend_all(B, T, start + T) if mask is None else mask
         feeds = layout.feeds(c, input_ids, position_ids, mask, (), logits_index)
         import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
 
@@ -312,7 +311,7 @@ class OnnxRunner:
         if mask is None and T == 1:
             cache.bind_all_ones("attention_mask", B, start + T)
         else:
-            mask = np.ones((B, 1, T, start + T), np.bool_) if mask is None else _array(mask)
+            mask = _attend_all(B, T, start + T) if mask is None else _array(mask)
             cache.bind("attention_mask", mask, dtype=dtypes["attention_mask"])
         index = np.arange(T) if logits_index is None else _array(logits_index)
         cache.bind("logits_index", index, dtype=dtypes["logits_index"])
@@ -325,3 +324,8 @@ class OnnxRunner:
 def _array(t) -> np.ndarray:
     """A torch tensor's host array (shared memory), or the array given."""
     return t.numpy() if isinstance(t, torch.Tensor) else t
+
+
+def _attend_all(rows: int, T: int, width: int) -> np.ndarray:
+    """The mask a ``None`` mask stands for (GLMModel's "attend to everything")."""
+    return np.ones((rows, 1, T, width), np.bool_)
