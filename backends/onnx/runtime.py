@@ -198,6 +198,7 @@ class OrtCache:
         self._arrays: list[np.ndarray] = []  # what the in-place buffers' OrtValues point into
         self._bound: dict[str, tuple] = {}  # input or output name -> (array, the OrtValue over it)
         self._ones: np.ndarray | None = None  # an unpadded decode step's mask: views of this
+        self._ones_value = None  # the OrtValue over the view bound now
 
     def in_place_binding(self, session, config, rows: int):
         """The IOBinding with each layer's buffer (zeros, made at the first step) bound as
@@ -237,9 +238,9 @@ class OrtCache:
 
         if self._ones is None or self._ones.size < rows * width:
             self._ones = np.ones(self.rows * self.max_len, np.bool_)
-        view = self._ones[:rows * width].reshape(rows, 1, 1, width)
-        self._bound[name] = (view, ort.OrtValue.ortvalue_from_numpy(view))
-        self._binding.bind_ortvalue_input(name, self._bound[name][1])
+        self._bound.pop(name, None)  # not an array :meth:`bind` may copy a later mask into
+        self._ones_value = ort.OrtValue.ortvalue_from_numpy(self._ones[:rows * width].reshape(rows, 1, 1, width))
+        self._binding.bind_ortvalue_input(name, self._ones_value)
 
 
 class OnnxRunner:
