@@ -25,7 +25,7 @@ import torch
 from glm_runtime import load_model, preset
 from glm_runtime.api import GLM
 from glm_runtime.converters import native
-from glm_runtime.converters.onnx import cached_attention, layout
+from glm_runtime.converters.onnx import cached_attention, layout, stacked_decode
 from glm_runtime.converters.onnx.export import export, export_model
 from glm_runtime.converters.quantize import quantize_scheme
 from glm_runtime.core.build import build_model, random_state
@@ -37,7 +37,7 @@ from glm_runtime.core.quant import LINEARS as QUANT_LINEARS
 from glm_runtime.core.registry import get_backend
 
 FAMILIES = ["tiny-glm-130b", "tiny-chatglm-6b", "tiny-chatglm2", "tiny-glm-4", "tiny-glm-4-0414",
-            "tiny-chatglm2+hd32", "tiny-glm-4+hd32", "tiny-glm-4-0414+hd32"]
+            "tiny-chatglm2+hd32", "tiny-glm-4+hd32", "tiny-glm-4-0414+hd32g3"]
 HD32 = "+hd32"
 
 
@@ -45,9 +45,14 @@ def family_config(name):
     """A preset, or ``preset+hd32``: that preset with 32-wide heads. The causal families
     export their attention as GroupQueryAttention, whose rotary needs a head size that is
     a multiple of 16 (released GLMs have 128); the tiny presets' 24 takes the standard
-    Attention path instead, so each causal family is exported both ways."""
+    Attention path instead, so each causal family is exported both ways. ``+hd32g3``
+    also has three query heads per KV head, not the presets' two, so that the stacked
+    decode branch's reshapes (KV heads x group) cannot pass with the two swapped."""
     base, _, variant = name.partition("+")
-    return preset(base, head_dim=32) if variant else preset(base)
+    if not variant:
+        return preset(base)
+    cfg = preset(base, head_dim=32)
+    return preset(base, head_dim=32, num_heads=3 * cfg.num_kv_heads) if variant.endswith("g3") else cfg
 ATOL = 1e-4
 
 
@@ -207,7 +212,7 @@ def test_export_metadata_and_op_report(pairs):
 def _op_types(onnx_dir):
     import onnx
 
-    return {n.op_type for n in onnx.load(str(onnx_dir / layout.GRAPH), load_external_data=False).graph.node}
+    return {n.op_type for n in layout.nodes(onnx.load(str(onnx_dir / layout.GRAPH), load_external_data=False).graph)}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -218,14 +223,14 @@ def test_fused_operators(pairs, name):
     p = pairs(name)
     ops, meta = _op_types(p.onnx_dir), layout.read_export(p.onnx_dir).meta
     fused = p.cfg.attention == "causal" and p.cfg.head_dim % 16 == 0
-    assert fused == name.endswith(HD32)
+    assert fused == (HD32 in name)
     assert ("GroupQueryAttention" in ops) == fused and ("Attention" in ops) != fused
     assert (meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE) == fused
     assert not ops & {"Concat", "RotaryEmbedding"} if fused else True
     assert ops & {"SkipSimplifiedLayerNormalization", "SkipLayerNormalization"}
 
 
-@pytest.mark.parametrize("name", [f for f in FAMILIES if f.endswith(HD32)])
+@pytest.mark.parametrize("name", [f for f in FAMILIES if HD32 in f])
 def test_fused_attention_module_computes_the_models_attention(name):
     """The module the export traces in place of each layer's attention, run eagerly (its
     marker op's PyTorch definition), gives the model's own logits on a left-padded batch."""
@@ -242,34 +247,49 @@ def test_fused_attention_module_computes_the_models_attention(name):
     assert (got - ref)[am.bool()].abs().max() <= 1e-5  # the same reference ops, composed differently
 
 
-def test_in_place_cache_matches_concatenation(pairs):
-    """The same steps with the cache written in place and with past + new concatenated
-    (the graph's two modes) give the same logits; a full cache is an error."""
-    p = pairs("tiny-glm-4" + HD32)
-    ids, am = infill_batch(p.cfg)
-    B, T = ids.shape
-    runner = p.onnx.model
+def test_stacked_decode_branch(pairs):
+    """A graph with grouped KV heads gets the stacked decode branch (converters/onnx/
+    stacked_decode.py): one attention head per KV head there, G - 1 positions of cache
+    slack in its metadata, taken by decode steps from STACK_FROM positions on. A left-padded
+    batch decoding across that length (full branch, then stacked, the slack rows past each
+    step written and then overwritten) up to the cache's last position gives the cpu
+    backend's logits, and a step beyond is an error."""
+    import onnx
 
-    def run(in_place):
-        runner.in_place = in_place
-        cache = runner.new_cache(B, T + 4)
+    p = pairs("tiny-glm-4-0414+hd32g3")
+    G = p.cfg.num_heads // p.cfg.num_kv_heads
+    assert G == 3 and p.cfg.num_kv_heads == 2
+    assert layout.read_export(p.onnx_dir).meta[layout.KV_SLACK] == str(G - 1)
+    proto = onnx.load(str(p.onnx_dir / layout.GRAPH), load_external_data=False)
+    branch = proto.graph.node[-1]
+    graphs = {a.name: a.g for a in branch.attribute}
+    assert branch.op_type == "If" and set(graphs) == {"then_branch", "else_branch"}
+    heads = {name: {a.i for n in g.node if n.op_type == "GroupQueryAttention" for a in n.attribute
+                    if a.name == "num_heads"} for name, g in graphs.items()}
+    assert heads == {"then_branch": {p.cfg.num_kv_heads}, "else_branch": {p.cfg.num_heads}}
+    (start,) = [int(t.int64_data[0]) for t in proto.graph.initializer if t.name == stacked_decode.THRESHOLD]
+    assert start == stacked_decode.STACK_FROM
+    B, T, steps = 2, start - 3, 6  # widths start - 2 .. start + 3
+    ids = torch.randint(10, 60, (B, T), generator=torch.Generator().manual_seed(0))
+    am = torch.ones(B, T, dtype=torch.long)
+    ids[1, :3], am[1, :3] = p.cfg.pad_token_id or 0, 0
+
+    def run(model):
+        cache = model.new_cache(B, T + steps)
         pos, mask, state = prefill_inputs(p.cfg, ids, am)
-        outs = [runner(ids, pos, mask, cache=cache)]
-        for i in range(4):
-            pos, mask = decode_inputs(state)
-            outs.append(runner(torch.full((B, 1), 40 + i), pos, mask, cache=cache, start=T + i))
+        with torch.inference_mode():
+            outs = [model(ids, pos, mask, cache=cache)[am.bool()]]
+            for i in range(steps):
+                pos, mask = decode_inputs(state)
+                outs.append(model(torch.full((B, 1), 40 + i), pos, mask, cache=cache, start=T + i))
         return outs, cache
 
-    try:
-        concat, _ = run(False)
-        in_place, cache = run(True)
-    finally:
-        runner.in_place = True
-    for a, b in zip(concat, in_place):
-        assert (a - b).abs().max() <= 1e-5  # same kernels, same order: equal up to rounding
+    (ref, _), (got, cache) = run(p.cpu.model), run(p.onnx.model)
+    for r, g in zip(ref, got):
+        assert (g - r).abs().max() <= ATOL
     with pytest.raises(BackendError, match="full"):
-        runner(torch.full((B, 1), 1), torch.full((B, 1), T + 4), torch.ones(B, 1, 1, T + 5, dtype=torch.bool),
-               cache=cache, start=T + 4)
+        p.onnx.model(torch.full((B, 1), 1), torch.full((B, 1), T + steps), torch.ones(B, 1, 1, T + steps + 1,
+                     dtype=torch.bool), cache=cache, start=T + steps)
 
 
 # ------------------------------------------------------------------ bad input
@@ -420,9 +440,11 @@ def test_cli_int8_export(pairs, exports):
     err = json.loads(info.meta["quantized_error_vs_fp32"])
     assert 0 < err["mean_abs"] < 0.01 * err["max_abs_logit"]
     assert err["max_rel"] < 0.08 and err["top1_agreement"] >= 0.75
-    nodes = onnx.load(str(out / layout.GRAPH), load_external_data=False).graph.node
+    nodes = list(layout.nodes(onnx.load(str(out / layout.GRAPH), load_external_data=False).graph))
     low = [n for n in nodes if n.op_type == "MatMulNBits"]
-    assert len(low) == 4 * p.cfg.num_layers + 1 and all(n.domain == "com.microsoft" for n in low)
+    stacked = cached_attention.applies(p.cfg, info.opset) and p.cfg.num_heads > p.cfg.num_kv_heads
+    branches = 2 if stacked else 1  # the stacked decode branch is a second copy of the layers
+    assert len(low) == branches * (4 * p.cfg.num_layers + 1) and all(n.domain == "com.microsoft" for n in low)
     assert not any(n.domain == "glm" for n in nodes)
     fp32_bytes = (p.onnx_dir / layout.DATA).stat().st_size
     quantized_bytes = 4 * sum(math.prod(shape) for k, (shape, _) in parameter_shapes(p.cfg).items()

@@ -179,7 +179,9 @@ class OrtCache:
     torch between steps: each layer's present keys and values (``OrtValue``s the session
     allocated) bound as the next step's past, or, for a graph that writes its cache in
     place (layout ``kv_cache: in_place``), one buffer per layer of ``max_len`` positions
-    allocated at the first step and bound as both past and present.
+    allocated at the first step and bound as both past and present (plus the positions of
+    slack a graph with a stacked decode branch writes past the sequence's end, metadata
+    ``kv_slack``: :mod:`glm_runtime.converters.onnx.stacked_decode`).
 
     In place, the binding itself is kept: the buffers are bound once, and so are a step's
     inputs and logits, into arrays a step of the same shapes copies into; only what changes
@@ -190,8 +192,8 @@ class OrtCache:
     step's weights have just flushed the caches, so each numpy or torch call costs 5-30 us
     there (against ~1 us in a loop), and a step's host work was ~40 of them."""
 
-    def __init__(self, rows: int, max_len: int):
-        self.rows, self.max_len = rows, max_len
+    def __init__(self, rows: int, max_len: int, slack: int = 0):
+        self.rows, self.max_len, self.slack = rows, max_len, slack
         self.values: list | None = None  # past_key.0, past_value.0, past_key.1, ...
         self.length = 0
         self._binding = None
@@ -206,7 +208,7 @@ class OrtCache:
         import onnxruntime as ort  # heavy: imported where used (a plain glmrt command never loads it)
 
         if self._binding is None:
-            shape = (rows, config.num_kv_heads, self.max_len, config.head_dim)
+            shape = (rows, config.num_kv_heads, self.max_len + self.slack, config.head_dim)
             self._arrays = [np.zeros(shape, np.float32) for _ in range(2 * config.num_layers)]
             self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
             self._binding = session.io_binding()
@@ -262,9 +264,10 @@ class OnnxRunner:
         self.tokenizer_path = None if tok is None else str(tok)
         self._outputs = layout.output_names(self.config)
         self.in_place = session.info.meta.get(layout.KV_CACHE) == layout.KV_IN_PLACE
+        self.slack = int(session.info.meta.get(layout.KV_SLACK, 0))
 
     def new_cache(self, rows: int, max_len: int) -> OrtCache:
-        return OrtCache(rows, max_len)
+        return OrtCache(rows, max_len, self.slack)
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None,
                  cache: OrtCache | None = None, start: int | torch.Tensor = 0,

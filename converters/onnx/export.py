@@ -37,7 +37,7 @@ from glm_runtime.core.model import GLMModel
 from ..detect import load_checkpoint
 from ..native import atomic_dir
 from ..quantize import dequantize_state, quantize_scheme
-from . import cached_attention, export_ops, fuse, layout, lowbit
+from . import cached_attention, export_ops, fuse, layout, lowbit, stacked_decode
 from .check import CHECK_ATOL, compare_with_torch, cpu_session, quantization_error, session_runner
 
 DEFAULT_OPSET = export_ops.FUSED_OPSET
@@ -107,10 +107,11 @@ def export_model(config: GLMConfig, state: dict[str, torch.Tensor], opset: int =
     return materialize(config, state, ops, torch.float32, torch.device("cpu")).eval().requires_grad_(False)
 
 
-def export_graph(model: GLMModel, path: Path, opset: int) -> None:
+def export_graph(model: GLMModel, path: Path, opset: int) -> int:
     """Trace ``model`` and write ``path`` with its weights as external data beside it;
     quantized linears become ``MatMulNBits`` computing with fp32 activations
-    (``accuracy_level`` 0: exact, what the check against PyTorch needs)."""
+    (``accuracy_level`` 0: exact, what the check against PyTorch needs). Returns the
+    positions of slack the KV cache buffers need (:mod:`.stacked_decode`; 0: none)."""
     config = model.config
     cached = cached_attention.applies(config, opset)
     try:
@@ -127,7 +128,9 @@ def export_graph(model: GLMModel, path: Path, opset: int) -> None:
     if config.quantization_bits or config.lm_head_bits:
         lowbit.lower(proto, accuracy_level=0)
     fuse.skip_norms(proto)
+    slack = stacked_decode.add_decode_branch(proto, threshold=1)  # checked from 1: see export()
     save_graph(proto, path)
+    return slack
 
 
 def save_graph(proto, path: Path) -> None:
@@ -186,7 +189,7 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
         bar.update()
         next_stage()
         graph = tmp / layout.GRAPH
-        export_graph(model, graph, opset)
+        slack = export_graph(model, graph, opset)
         bar.update()
         next_stage()
         err = compare_with_torch(model, session_runner(cpu_session(graph), config))
@@ -194,9 +197,12 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
             raise GLMError(f"the exported graph disagrees with PyTorch: max |logits difference| {err:.3g} > "
                            f"{CHECK_ATOL} (an exporter problem; the export was not written)")
         report["max_abs_error_vs_torch"] = err
+        if slack:  # the check's decode step ran the stacked branch; now only long caches take it
+            stacked_decode.set_threshold(graph, stacked_decode.STACK_FROM)
         extra = {"export_max_abs_error_vs_torch": f"{err:.3g}"}
         if cached_attention.applies(config, opset):
             extra[layout.KV_CACHE] = layout.KV_IN_PLACE
+            extra[layout.KV_SLACK] = str(slack)
         precision = "fp32"
         if float_model is not None:
             set_accuracy_level(graph, lowbit.ACCURACY_LEVEL)
@@ -220,7 +226,7 @@ def set_accuracy_level(graph: Path, level: int) -> None:
     import onnx  # heavy: imported where used (a plain glmrt command never loads it)
 
     proto = onnx.load(str(graph), load_external_data=False)
-    for n in proto.graph.node:
+    for n in layout.nodes(proto.graph):
         if n.op_type == "MatMulNBits":
             for a in n.attribute:
                 if a.name == "accuracy_level":

@@ -49,10 +49,12 @@ DATA = "model.onnx.data"
 TOKENIZER = "tokenizer.model"
 MIN_OPSET = 17
 # What the exporter writes, beyond this contract: bumped when the graph changes (2: the
-# causal families' attention as GroupQueryAttention, residual adds fused into the norms),
-# so that exports cached under an unchanged package version are made again.
-GRAPH_REVISION = 2
+# causal families' attention as GroupQueryAttention, residual adds fused into the norms;
+# 3: a decode branch with the query heads stacked, .stacked_decode), so that exports
+# cached under an unchanged package version are made again.
+GRAPH_REVISION = 3
 KV_CACHE, KV_IN_PLACE = "kv_cache", "in_place"  # metadata: the layers' past and present may share a buffer
+KV_SLACK = "kv_slack"  # metadata: positions an in-place cache buffer needs beyond the longest sequence
 SPECIAL_TOKENS = ("pad_token_id", "eos_token_ids", "mask_token_id", "gmask_token_id", "smask_token_id",
                   "sop_token_id", "eop_token_id")
 
@@ -228,14 +230,31 @@ def _check_signature(proto, config: GLMConfig, graph: Path) -> None:
                               f"is {config.vocab_size}", graph)
 
 
+def nodes(graph):
+    """Every node of ``graph`` and of the subgraphs its nodes hold (an ``If``'s branches)."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.HasField("g"):
+                yield from nodes(a.g)
+            for g in a.graphs:
+                yield from nodes(g)
+
+
 def tensors(proto):
-    """Every tensor stored in the graph: initializers and node attributes."""
-    yield from proto.graph.initializer
-    for node in proto.graph.node:
+    """Every tensor stored in the graph: initializers and node attributes, subgraphs' too."""
+    yield from _tensors(proto.graph)
+
+
+def _tensors(graph):
+    yield from graph.initializer
+    for node in graph.node:
         for a in node.attribute:
             if a.HasField("t"):
                 yield a.t
             yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _tensors(g)
 
 
 def _check_external_data(proto, directory: Path, graph: Path) -> None:
