@@ -198,7 +198,7 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
                            f"{CHECK_ATOL} (an exporter problem; the export was not written)")
         report["max_abs_error_vs_torch"] = err
         if slack:  # the check's decode step ran the stacked branch; now only long caches take it
-            stacked_decode.set_threshold(graph, stacked_decode.STACK_FROM)
+            edit_graph(graph, lambda proto: stacked_decode.set_threshold(proto, stacked_decode.STACK_FROM))
         extra = {"export_max_abs_error_vs_torch": f"{err:.3g}"}
         if cached_attention.applies(config, opset):
             extra[layout.KV_CACHE] = layout.KV_IN_PLACE
@@ -221,32 +221,36 @@ def export(config: GLMConfig, state: dict[str, torch.Tensor], out: str | os.Path
     return report
 
 
-def set_accuracy_level(graph: Path, level: int) -> None:
-    """Set ``accuracy_level`` on every ``MatMulNBits`` of the graph file (weights untouched)."""
+def edit_graph(graph: Path, edit) -> None:
+    """Apply ``edit`` to the graph file's proto and write it back atomically, leaving its
+    external data (the weights) in place."""
     import onnx  # heavy: imported where used (a plain glmrt command never loads it)
 
     proto = onnx.load(str(graph), load_external_data=False)
-    for n in layout.nodes(proto.graph):
-        if n.op_type == "MatMulNBits":
-            for a in n.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
+    edit(proto)
     tmp = graph.with_suffix(".onnx.tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(graph)
+
+
+def set_accuracy_level(graph: Path, level: int) -> None:
+    """Set ``accuracy_level`` on every ``MatMulNBits`` of the graph file (weights untouched)."""
+    def edit(proto):
+        for n in layout.nodes(proto.graph):
+            if n.op_type == "MatMulNBits":
+                for a in n.attribute:
+                    if a.name == "accuracy_level":
+                        a.i = level
+    edit_graph(graph, edit)
 
 
 def write_metadata(graph: Path, meta: dict[str, str]) -> None:
     """Set metadata_props on the graph file, leaving its external data in place."""
-    import onnx  # heavy: imported where used (a plain glmrt command never loads it)
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
-    tmp = graph.with_suffix(".onnx.tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(graph)
+    def edit(proto):
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+    edit_graph(graph, edit)
 
 
 def export_checkpoint(src: str | os.PathLike, out: str | os.PathLike, sat_args: str | None = None, **kwargs) -> dict:

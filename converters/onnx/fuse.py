@@ -11,15 +11,9 @@ sum, then the norm in fp32); the export's check against PyTorch runs on the resu
 """
 from __future__ import annotations
 
-from . import markers
+from . import layout, markers
 
 FUSED = {"RMSNormalization": "SkipSimplifiedLayerNormalization", "LayerNormalization": "SkipLayerNormalization"}
-
-
-def _attrs(node) -> dict:
-    from onnx import helper  # heavy: imported where used (a plain glmrt command never loads it)
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def skip_norms(proto) -> int:
@@ -35,7 +29,7 @@ def skip_norms(proto) -> int:
         if norm.op_type not in FUSED or norm.domain not in ("", "ai.onnx"):
             continue
         add = producer.get(norm.input[0])
-        attrs = _attrs(norm)
+        attrs = layout.attrs(norm)
         if (add is None or add.op_type != "Add" or attrs.get("axis", -1) != -1
                 or any(i in inits or getattr(producer.get(i), "op_type", "") == "Constant" for i in add.input)
                 or len(norm.output) != 1):

@@ -230,31 +230,37 @@ def _check_signature(proto, config: GLMConfig, graph: Path) -> None:
                               f"is {config.vocab_size}", graph)
 
 
-def nodes(graph):
-    """Every node of ``graph`` and of the subgraphs its nodes hold (an ``If``'s branches)."""
+def graphs(graph):
+    """``graph`` and every subgraph its nodes hold (an ``If``'s branches), recursively."""
+    yield graph
     for node in graph.node:
-        yield node
         for a in node.attribute:
-            if a.HasField("g"):
-                yield from nodes(a.g)
-            for g in a.graphs:
-                yield from nodes(g)
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from graphs(g)
+
+
+def nodes(graph):
+    """Every node of ``graph`` and of its subgraphs."""
+    for g in graphs(graph):
+        yield from g.node
+
+
+def attrs(node) -> dict:
+    """A node's attributes as {name: Python value}."""
+    from onnx import helper  # heavy: imported where used (a plain glmrt command never loads it)
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def tensors(proto):
     """Every tensor stored in the graph: initializers and node attributes, subgraphs' too."""
-    yield from _tensors(proto.graph)
-
-
-def _tensors(graph):
-    yield from graph.initializer
-    for node in graph.node:
-        for a in node.attribute:
-            if a.HasField("t"):
-                yield a.t
-            yield from a.tensors
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _tensors(g)
+    for g in graphs(proto.graph):
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
 
 
 def _check_external_data(proto, directory: Path, graph: Path) -> None:

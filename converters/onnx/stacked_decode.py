@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import markers
+from . import layout, markers
+from .cached_attention import NEG  # the export's mask bias
 
 GQA = "GroupQueryAttention"
 # The decode branch runs from this many positions (the step's included) on; shorter steps
@@ -52,21 +53,15 @@ GQA = "GroupQueryAttention"
 # measured for 6. The export checks the branch with this set to 1 (:func:`set_threshold`).
 STACK_FROM = 256
 THRESHOLD = "stacked_decode/from"  # the initializer holding it
-NEG = float(np.finfo(np.float32).min)  # the export's mask bias (cached_attention.NEG)
+INT64 = 7  # onnx.TensorProto.INT64 (onnx is imported where used)
 # GroupQueryAttention's inputs, by position (export_ops.GQA_INPUTS)
 QKV, PAST_K, PAST_V, SEQLENS_K, TOTAL, COS, SIN, POSITIONS, BIAS, QUERY_SEQLENS = 0, 3, 4, 5, 6, 7, 8, 9, 10, 16
-
-
-def _attrs(node) -> dict:
-    from onnx import helper  # heavy: imported where used (a plain glmrt command never loads it)
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def group_size(proto) -> int:
     """G, the query heads per KV head of the graph's GroupQueryAttention nodes (1 when
     there are none: nothing to stack)."""
-    sizes = {_attrs(n)["num_heads"] // _attrs(n)["kv_num_heads"] for n in proto.graph.node if n.op_type == GQA}
+    sizes = {layout.attrs(n)["num_heads"] // layout.attrs(n)["kv_num_heads"] for n in proto.graph.node if n.op_type == GQA}
     if len(sizes) > 1:
         raise ValueError(f"attention nodes with different group sizes {sorted(sizes)}")
     return sizes.pop() if sizes else 1
@@ -103,7 +98,7 @@ def _stack(n, w: _Writer, g: int, head_dim: int) -> list:
     """The nodes replacing GroupQueryAttention node ``n`` in the decode branch."""
     from onnx import helper
 
-    a = _attrs(n)
+    a = layout.attrs(n)
     heads, kv_heads = a["num_heads"], a["kv_num_heads"]
     d = head_dim
     ins = list(n.input) + [""] * (QUERY_SEQLENS + 1 - len(n.input))
@@ -206,8 +201,8 @@ def add_decode_branch(proto, threshold: int = STACK_FROM) -> int:
     then_branch = _branch(decode, graph.output, w.constants, outer, "decode/", "decode")
     else_branch = _branch(list(graph.node), graph.output, [], outer, "full/", "full")
     one = "stacked_decode/one"
-    graph.initializer.extend([helper.make_tensor(one, 7, [1], [1]),  # int64
-                              helper.make_tensor(THRESHOLD, 7, [1], [threshold])])
+    graph.initializer.extend([helper.make_tensor(one, INT64, [1], [1]),
+                              helper.make_tensor(THRESHOLD, INT64, [1], [threshold])])
     cond = [helper.make_node("Shape", ["input_ids"], ["stacked_decode/seq"], start=1, end=2),
             helper.make_node("Equal", ["stacked_decode/seq", one], ["stacked_decode/one_token"]),
             helper.make_node("Shape", ["attention_mask"], ["stacked_decode/width"], start=3, end=4),
@@ -241,14 +236,10 @@ def _topological(nodes, available: set[str]) -> list:
     return out
 
 
-def set_threshold(graph_file, threshold: int) -> None:
-    """Set the positions from which the decode branch runs in a written graph file
-    (weights untouched): the export checks the branch at 1, then keeps :data:`STACK_FROM`."""
-    import onnx
+def set_threshold(proto, threshold: int) -> None:
+    """Set the positions from which the decode branch runs (the export checks the branch
+    at 1, then keeps :data:`STACK_FROM`)."""
+    from onnx import helper
 
-    proto = onnx.load(str(graph_file), load_external_data=False)
     (t,) = [t for t in proto.graph.initializer if t.name == THRESHOLD]
-    t.CopyFrom(onnx.helper.make_tensor(THRESHOLD, 7, [1], [threshold]))
-    tmp = graph_file.with_suffix(".onnx.tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(graph_file)
+    t.CopyFrom(helper.make_tensor(THRESHOLD, INT64, [1], [threshold]))
