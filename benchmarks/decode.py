@@ -180,7 +180,7 @@ class GLMRunner:
 
 
 # Thread pools keep spinning on the cores for a while after their work ends (torch's
-# OpenMP, llama.cpp's): measured here, onnxruntime's fp32 prefill of 16 tokens took 27 ms
+# OpenMP, onnxruntime's, llama.cpp's): measured here, onnxruntime's fp32 prefill of 16 tokens took 27 ms
 # right after a torch runner and 22 ms half a second later. Each timed call waits this
 # long first, so that no runner is timed against the previous one's threads.
 SETTLE_S = 0.5
